@@ -1,0 +1,5 @@
+import sys
+
+from popflow.cli import main
+
+sys.exit(main())
