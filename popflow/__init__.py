@@ -8,5 +8,6 @@ chunked Zarr catalogues with Dask.
 __version__ = "0.1.0"
 
 from popflow.params import DEFAULT_SPACE, ParameterSpace  # noqa: E402
+from popflow.pipeline import open_posterior  # noqa: E402  (light: heavy imports are inside)
 
-__all__ = ["DEFAULT_SPACE", "ParameterSpace", "__version__"]
+__all__ = ["DEFAULT_SPACE", "ParameterSpace", "open_posterior", "__version__"]

@@ -17,3 +17,11 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip(f"shared data not found at {SHARED_DATA}")
     return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def toy_emulator():
+    """An analytic stand-in for a trained emulator (tests/toymodel.py), LSST ugrizy."""
+    from tests.toymodel import ToyEmulator
+
+    return ToyEmulator()

@@ -1,0 +1,377 @@
+"""Data-model calibration on a spectroscopic subset: per-band zero points and error floors.
+
+With the redshift of each galaxy fixed to its spectroscopic value, a few SED
+directions per galaxy (mass, metallicity, dust, a tied SFH slope:
+:data:`CALIBRATION_GROUPS`, like a template fit) and one set of per-band
+multiplicative zero points shared by all galaxies are fitted jointly (maximum a
+posteriori under the emulator, the prior and a robust Student-t likelihood), as
+COSMOS (Ilbert et al. 2006, 2009: offsets of the best-fit templates at z_spec)
+and pop-cosmos (Alsing et al. 2024: zero points calibrated on the spectroscopic
+sample) do. The overall scale of the zero points is degenerate with stellar mass
+(the mass scaling is exact), so they are normalised to a geometric mean of 1; a
+Gaussian prior (0.1 mag) keeps directions the data cannot constrain near 0. The
+median observed / model flux ratio left per band (:func:`zero_point_update`, over
+S/N >= snr_min detections) is reported as a check.
+
+The fractional error floor of band b is the value that makes the robust scatter
+(1.4826 x median absolute deviation) of the normalised residuals
+(f - zp F) / sqrt(s^2 + (floor F)^2) equal to one, never below the emulator's
+measured floor. Best-fit residuals are under-dispersed (the fit absorbs part of the
+noise), so each galaxy's residuals are scaled by sqrt(n_bands / (n_bands - n_free)).
+
+Functional core: :func:`fit_fixed_z`, :func:`zero_point_update`, :func:`error_floor`
+are pure array functions; :func:`calibrate` iterates them; :func:`calibrate_catalog`,
+:func:`save_datamodel` and :func:`load_datamodel` are the shell.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from popflow.datamodel import LOG_FLOOR_PER_MAG, DataModel
+from popflow.fit import mag_to_njy
+
+__all__ = ["CALIBRATION_GROUPS", "prior_median", "fit_fixed_z", "zero_point_update", "error_floor", "calibrate", "calibrate_catalog", "save_datamodel", "load_datamodel"]
+
+NMAD_SCALE = 1.4826
+_U_TINY = 1e-6
+
+
+def _to_latent(space, theta):
+    """Physical -> probit latent, clipped so that the bounds map to finite values."""
+    from jax.scipy.special import ndtri
+
+    u = (theta - space.lower) / (space.upper - space.lower)
+    return ndtri(jnp.clip(u, _U_TINY, 1.0 - _U_TINY))
+
+
+CALIBRATION_GROUPS = (("log_mass",), ("log_zstar",), ("dust2",), tuple(f"logsfr_ratio_{i}" for i in range(1, 7)))
+"""Free directions of the fixed-redshift fit: mass, metallicity, dust and one tied SFH slope (all
+log SFR ratios equal: a rising or declining exponential-like history). The other parameters stay at
+the prior's median. A few free directions per galaxy, like a template fit, leave the residuals
+degrees of freedom to constrain the zero points; with all 13 free, each galaxy's SED absorbs them."""
+
+
+def _group_matrix(space, groups):
+    """(dim, k) 0/1 matrix: column j moves every parameter of group j; checks the names."""
+    P = np.zeros((space.dim, len(groups)), np.float32)
+    for j, group in enumerate(groups):
+        for name in group:
+            if name not in space.names:
+                raise ValueError(f"calibration group {group}: {name!r} is not a parameter of the space ({', '.join(space.names)})")
+            if name == "redshift":
+                raise ValueError("calibration groups must not free the redshift (it is fixed to z_spec)")
+            P[space.index(name), j] = 1.0
+    return P
+
+
+def prior_median(key, prior, n: int = 4096) -> np.ndarray:
+    """Per-parameter median of n prior draws, (dim,) physical."""
+    return np.median(np.asarray(prior.sample(key, n)), axis=0)
+
+
+def fit_fixed_z(key, flux, flux_err, mask, z_spec, *, emulator, prior, datamodel: DataModel, reference,
+                groups=CALIBRATION_GROUPS, fit_zero_points: bool = True, zp_sigma_mag: float = 0.1, n_cand: int = 256, n_steps: int = 400,
+                learning_rate: float = 0.05, batch_size: int = 256):
+    """Joint MAP of per-galaxy parameters and shared zero points at redshift fixed to ``z_spec``.
+
+    flux, flux_err (n_gal, n_band) nJy, mask (n_gal, n_band) bool, z_spec (n_gal,);
+    ``reference`` (dim,) physical values of the parameters that stay fixed (e.g.
+    :func:`prior_median`). In the probit latent space phi = phi_ref + P x with P the
+    (dim, k) group matrix; ``n_cand`` candidates x ~ N(0, 1) (shared, mass then set to the
+    best flux amplitude) give each galaxy's start; then Adam runs ``n_steps`` on the summed
+    log posterior (likelihood with the ``datamodel``'s floors + ``prior.log_prob_latent``) over
+    all galaxies' x and the log zero points together (a joint optimum: each galaxy's
+    parameters and the shared offsets move at once, so offsets that the SEDs could
+    partly mimic are not left half-corrected). Zero points start at ``datamodel.zero_points``,
+    are normalised to geometric mean 1, carry a Gaussian prior of ``zp_sigma_mag`` (mag) around
+    0 (offsets that every galaxy's SED could mimic together, e.g. a smooth colour tilt
+    against a dust or SFH shift, are not constrained by the data and stay near 0 instead of
+    drifting), and stay fixed when ``fit_zero_points`` is False.
+    Returns (theta (n_gal, dim) physical, model_flux (n_gal, n_band) nJy before zero points,
+    log_post (n_gal,), zero_points (n_band,)).
+    """
+    space = emulator.space
+    iz, im = space.index("redshift"), space.index("log_mass")
+    P = jnp.asarray(_group_matrix(space, groups))
+    k = P.shape[1]
+    jm = int(np.argmax(np.asarray(P)[im])) if np.asarray(P)[im].any() else None
+    lo_m, hi_m = float(space.lower[im]), float(space.upper[im])
+    phi_ref = _to_latent(space, jnp.asarray(reference, jnp.float32))
+    flux = jnp.asarray(np.where(mask, flux, 0.0), jnp.float32)
+    flux_err = jnp.asarray(np.where(mask, flux_err, 1.0), jnp.float32)
+    mask = jnp.asarray(mask, bool)
+    z = jnp.clip(jnp.asarray(z_spec, jnp.float32), space.lower[iz], space.upper[iz])
+    x_cand = jax.random.normal(key, (n_cand * k,)).reshape(n_cand, k)
+
+    def latent(x, phi_z):
+        return (phi_ref + P @ x).at[iz].set(phi_z)
+
+    def log_post(phi, f, s, m):
+        theta = space.from_latent(phi)
+        model = mag_to_njy(emulator.magnitudes(theta))
+        lp = datamodel.log_likelihood(model, f, s, m) + prior.log_prob_latent(phi)
+        return jnp.where(emulator.in_domain(theta) & jnp.isfinite(lp), lp, -jnp.inf)
+
+    def start(f, s, m, phi_z):
+        """Best candidate x (k,) for one galaxy at its redshift."""
+        phi = jax.vmap(latent, in_axes=(0, None))(x_cand, phi_z)
+        if jm is not None:  # mass to the best flux amplitude (exact mass scaling), back to latent
+            theta = space.from_latent(phi)
+            unit = datamodel.model_flux(mag_to_njy(emulator.magnitudes(theta)))
+            w = jnp.where(m, 1.0 / s**2, 0.0)
+            amp = jnp.sum(w * f * unit, -1) / jnp.maximum(jnp.sum(w * unit * unit, -1), 1e-30)
+            mass = jnp.clip(theta[:, im] + jnp.log10(jnp.maximum(amp, 1e-30)), lo_m, hi_m)
+            phi_m = _to_latent(space, theta.at[:, im].set(mass))[:, im]
+            x = x_cand.at[:, jm].set(phi_m - phi_ref[im])
+        else:
+            x = x_cand
+        score = jax.vmap(lambda xi: log_post(latent(xi, phi_z), f, s, m))(x)
+        return x[jnp.argmax(jnp.where(jnp.isnan(score), -jnp.inf, score))]
+
+    def total_loss(params, f, s, m, phi_z):
+        """-sum_g log posterior of every galaxy at shared zero points exp(u - mean u)."""
+        x, u = params
+        dm = DataModel(np.ones(len(emulator.bands)), datamodel.error_floor, datamodel.student_t_nu)
+        zp = jnp.exp(u - jnp.mean(u))
+        phi = jax.vmap(latent)(x, phi_z)
+        theta = space.from_latent(phi)
+        model = zp * mag_to_njy(emulator.magnitudes(theta))
+        lp = dm.log_likelihood(model, f, s, m) + prior.log_prob_latent(phi)
+        lp = jnp.where(emulator.in_domain(theta) & jnp.isfinite(lp), lp, -1e6)
+        zp_mag = (2.5 / math.log(10.0)) * (u - jnp.mean(u))
+        return -jnp.sum(lp) + 0.5 * jnp.sum((zp_mag / zp_sigma_mag) ** 2), lp
+
+    opt = optax.adam(learning_rate)
+
+    @jax.jit
+    def run(f, s, m, zg, u0):
+        phi_z = _to_latent(space, jnp.zeros((zg.shape[0], space.dim)).at[:, iz].set(zg))[:, iz]
+        x0 = jax.lax.map(lambda a: start(*a), (f, s, m, phi_z), batch_size=batch_size)
+        params = (x0, u0)
+        grad = jax.grad(lambda p: total_loss(p, f, s, m, phi_z)[0])
+        free_u = jnp.asarray(fit_zero_points, jnp.float32)
+
+        def step(carry, _):
+            p, st = carry
+            gx, gu = grad(p)
+            g = (jnp.where(jnp.isfinite(gx), gx, 0.0), jnp.where(jnp.isfinite(gu), gu, 0.0) * free_u)
+            upd, st = opt.update(g, st, p)
+            return (optax.apply_updates(p, upd), st), None
+
+        (params, _), _ = jax.lax.scan(step, (params, opt.init(params)), None, length=n_steps)
+        x, u = params
+        _, lp = total_loss(params, f, s, m, phi_z)
+        theta = space.from_latent(jax.vmap(latent)(x, phi_z)).at[:, iz].set(zg)
+        return theta, mag_to_njy(emulator.magnitudes(theta)), lp, jnp.exp(u - jnp.mean(u))
+
+    u0 = jnp.log(jnp.asarray(datamodel.zero_points, jnp.float32))
+    theta, model, lp, zp = run(flux, flux_err, mask, z, u0)
+    return np.asarray(theta), np.asarray(model, np.float64), np.asarray(lp), np.asarray(zp, np.float64)
+
+
+def zero_point_update(flux, flux_err, mask, model_flux, zero_points, *, snr_min: float = 5.0, min_galaxies: int = 20):
+    """Multiplicative correction per band: median of f / (zp F) over S/N >= snr_min detections.
+
+    flux, flux_err, mask, model_flux (n_gal, n_band); zero_points (n_band,). Returns
+    (ratio (n_band,), n_used (n_band,)). A band with fewer than ``min_galaxies`` usable
+    galaxies keeps ratio 1.
+    """
+    flux = np.asarray(flux, np.float64)
+    zp = np.asarray(zero_points, np.float64)
+    pred = zp * np.asarray(model_flux, np.float64)
+    good = np.asarray(mask) & (flux >= snr_min * np.asarray(flux_err)) & (pred > 0)
+    ratio = np.ones(flux.shape[1])
+    n_used = good.sum(axis=0)
+    for b in range(flux.shape[1]):
+        if n_used[b] >= min_galaxies:
+            ratio[b] = float(np.median(flux[good[:, b], b] / pred[good[:, b], b]))
+    return ratio, n_used
+
+
+def error_floor(flux, flux_err, mask, model_flux, zero_points, *, n_free: int = 0, minimum=None, max_floor: float = 0.5):
+    """Fractional floor per band that makes the NMAD of the normalised residuals one.
+
+    Residuals r = (f - zp F) / sqrt(s^2 + (floor zp F)^2) over unmasked bands, scaled by
+    sqrt(n_g / (n_g - n_free)) for a galaxy with n_g usable bands fitted with ``n_free``
+    free parameters (best-fit residuals are under-dispersed by that factor); the NMAD
+    decreases monotonically with the floor, so bisection finds it (0 when the catalogue
+    errors alone already give NMAD <= 1; ``max_floor`` caps it). ``minimum`` (n_band,) is a
+    lower bound (the emulator's measured floor). Returns (floor (n_band,), nmad_before (n_band,)).
+    """
+    flux = np.asarray(flux, np.float64)
+    err = np.asarray(flux_err, np.float64)
+    mu = np.asarray(zero_points, np.float64) * np.asarray(model_flux, np.float64)
+    n_band = flux.shape[1]
+    n_g = np.asarray(mask).sum(axis=1)
+    dof = np.sqrt(n_g / np.maximum(n_g - n_free, 1))
+    floor = np.zeros(n_band)
+    nmad0 = np.full(n_band, np.nan)
+    for b in range(n_band):
+        m = np.asarray(mask)[:, b] & np.isfinite(flux[:, b]) & (err[:, b] > 0)
+        if m.sum() < 2:
+            continue
+        d, s, f = dof[m] * (flux[m, b] - mu[m, b]), err[m, b], mu[m, b]
+
+        def nmad(fl):
+            r = d / np.sqrt(s**2 + (fl * f) ** 2)
+            return NMAD_SCALE * np.median(np.abs(r - np.median(r)))
+
+        nmad0[b] = nmad(0.0)
+        if nmad0[b] <= 1.0:
+            continue
+        lo, hi = 0.0, max_floor
+        if nmad(hi) > 1.0:
+            floor[b] = hi
+            continue
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            lo, hi = (mid, hi) if nmad(mid) > 1.0 else (lo, mid)
+        floor[b] = hi
+    if minimum is not None:
+        floor = np.maximum(floor, np.asarray(minimum, np.float64))
+    return floor, nmad0
+
+
+def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataModel | None = None,
+              n_iter: int = 3, tol: float = 0.002, snr_min: float = 5.0, robust_nu: float | None = 4.0,
+              fit_kwargs: dict | None = None, log=None):
+    """Zero points and error floors from a spectroscopic subset (module docstring).
+
+    Inputs as :func:`fit_fixed_z`. ``base``: the starting data model (default the
+    emulator's floor, unit zero points); its Student-t setting is what the result keeps.
+    Each iteration fits zero points and galaxies jointly at the current floors (with a
+    Student-t likelihood of ``robust_nu`` degrees of freedom, so that a few galaxies with
+    bad photometry or missing physics do not pull the zero points; None: Gaussian), then
+    re-measures the floors from the residuals. Stops after ``n_iter`` iterations or when no
+    zero point moved by more than ``tol`` (fractional).
+    Returns (DataModel, report: zero points in mag, per-iteration values, per-band counts,
+    residual scatter and the median observed/model ratio left per band).
+    """
+    n_band = len(emulator.bands)
+    base = base if base is not None else DataModel.from_emulator(emulator)
+    if base.n_fields is not None:
+        raise ValueError("calibrate fits one set of zero points; the base data model has per-field zero points")
+    emu_floor = LOG_FLOOR_PER_MAG * np.asarray(emulator.error_floor, np.float64)
+    flux = np.asarray(flux, np.float32)
+    flux_err = np.asarray(flux_err, np.float32)
+    mask = np.asarray(mask, bool)
+    z_spec = np.asarray(z_spec, np.float32)
+    if flux.shape[1] != n_band:
+        raise ValueError(f"calibrate: {flux.shape[1]} bands in the photometry but the emulator has {n_band} ({', '.join(emulator.bands)})")
+    if not np.all(np.isfinite(z_spec)):
+        raise ValueError(f"calibrate: {int(np.sum(~np.isfinite(z_spec)))} galaxies have no finite z_spec; select the spectroscopic subset first")
+    zp = np.asarray(base.zero_points, np.float64)
+    zp = zp / math.exp(float(np.mean(np.log(zp))))
+    floor = np.maximum(np.asarray(base.error_floor, np.float64), emu_floor)
+    history = []
+    fit_kwargs = dict(fit_kwargs or {})
+    if "reference" not in fit_kwargs:
+        fit_kwargs["reference"] = prior_median(jax.random.fold_in(key, 10_000), prior)
+    for it in range(n_iter):
+        dm = DataModel(zp, floor, robust_nu)
+        _, model, lp, new_zp = fit_fixed_z(jax.random.fold_in(key, it), flux, flux_err, mask, z_spec,
+                                           emulator=emulator, prior=prior, datamodel=dm, **fit_kwargs)
+        change = new_zp / zp
+        zp = new_zp
+        n_free = len(fit_kwargs.get("groups", CALIBRATION_GROUPS))
+        floor, nmad0 = error_floor(flux, flux_err, mask, model, zp, n_free=n_free, minimum=emu_floor)
+        ratio, n_used = zero_point_update(flux, flux_err, mask, model, zp, snr_min=snr_min)
+        history.append({"iteration": it, "zero_points": zp.tolist(), "error_floor": floor.tolist(),
+                        "residual_median_ratio": ratio.tolist(), "median_log_post": float(np.median(lp))})
+        if log is not None:
+            log(f"calibrate: iteration {it}: zero points [mag] " + " ".join(f"{b}={-2.5 * np.log10(z):+.4f}" for b, z in zip(emulator.bands, zp))
+                + "; floors " + " ".join(f"{f:.3f}" for f in floor))
+        if np.all(np.abs(change - 1.0) < tol):
+            break
+    report = {
+        "n_galaxies": int(flux.shape[0]),
+        "n_used_snr_min": n_used.tolist(),
+        "snr_min": snr_min,
+        "residual_nmad_no_floor": nmad0.tolist(),
+        "residual_median_ratio": ratio.tolist(),
+        "zero_point_mag": (-2.5 * np.log10(zp)).tolist(),
+        "robust_nu": robust_nu,
+        "groups": [list(g) for g in fit_kwargs.get("groups", CALIBRATION_GROUPS)],
+        "iterations": history,
+    }
+    return DataModel(zp, floor, base.student_t_nu), report
+
+
+def calibrate_catalog(catalog, *, emulator, prior=None, z_var: str = "z_spec", z_min: float = 0.01, max_galaxies: int | None = 2000,
+                      seed: int = 0, n_iter: int = 3, snr_min: float = 5.0, log=print):
+    """Calibrate on the galaxies of a catalogue store that have ``z_var`` > ``z_min``.
+
+    ``emulator`` / ``prior``: objects or specs accepted by :func:`popflow.pipeline.load_model`
+    (prior default: the AnalyticPrior). A seeded random subset of ``max_galaxies`` is used.
+    Returns (DataModel, metadata dict ready for :func:`save_datamodel`).
+    """
+    from popflow.catalog import open_catalog
+    from popflow.pipeline import load_model
+
+    ds = open_catalog(catalog)
+    if z_var not in ds:
+        raise ValueError(f"{catalog}: no variable {z_var!r} to calibrate on (it has: {', '.join(ds.data_vars)})")
+    if isinstance(emulator, (str, Path)):
+        emulator = load_model(emulator, "emulator")
+    if prior is None:
+        from popflow.priors import AnalyticPrior
+
+        prior = AnalyticPrior(space=emulator.space)
+    elif isinstance(prior, (str, Path)):
+        prior = load_model(prior, "prior")
+    filters = list(ds.attrs["filters"])
+    emulator = emulator.select(filters)
+    z = np.asarray(ds[z_var].values, np.float64)
+    rows = np.flatnonzero(np.isfinite(z) & (z > z_min))
+    if rows.size == 0:
+        raise ValueError(f"{catalog}: no galaxy has {z_var} > {z_min}")
+    if max_galaxies is not None and rows.size > max_galaxies:
+        rows = np.sort(np.random.default_rng(seed).choice(rows, max_galaxies, replace=False))
+    sub = ds.isel(galaxy=rows)
+    flux, err, mask = (np.asarray(sub[v].values) for v in ("flux", "flux_err", "mask"))
+    log(f"calibrate: {rows.size} galaxies with {z_var} from {catalog}, bands {', '.join(ds.attrs['bands'])}")
+    dm, report = calibrate(jax.random.PRNGKey(seed), flux, err, mask, z[rows], emulator=emulator, prior=prior,
+                           n_iter=n_iter, snr_min=snr_min, log=log)
+    meta = {
+        "bands": list(ds.attrs["bands"]),
+        "filters": filters,
+        "band_set": ds.attrs.get("band_set"),
+        "emulator_id": str(emulator.id),
+        "prior_id": str(prior.id),
+        "catalog": str(catalog),
+        "catalog_sha256": ds.attrs.get("source_sha256"),
+        "z_var": z_var,
+        "seed": seed,
+        "calibration": report,
+    }
+    return dm, meta
+
+
+def save_datamodel(path, datamodel: DataModel, meta: dict | None = None) -> Path:
+    """Write ``datamodel.to_dict()`` (top level, so ``DataModel.from_dict(json)`` reads it) plus ``meta``."""
+    path = Path(path)
+    out = dict(meta or {})
+    out.update(datamodel.to_dict())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(out, indent=1))
+    return path
+
+
+def load_datamodel(path, filters=None) -> DataModel:
+    """Read a data-model JSON; with ``filters`` given, check they match the calibrated ones in order."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"{path}: cannot read a data-model JSON ({err})") from None
+    if filters is not None and "filters" in d and list(d["filters"]) != list(filters):
+        raise ValueError(f"{path}: calibrated for filters {d['filters']}, but the catalogue has {list(filters)}")
+    return DataModel.from_dict(d)

@@ -1,0 +1,538 @@
+"""Importance reweighting of stored posteriors to a new population prior.
+
+Draws ``theta_s`` of galaxy g were made under the prior ``p_old``; under a
+new prior ``p_new`` the same draws are an importance sample with
+
+    log w_s = log p_new(theta_s) - log p_old(theta_s)
+
+(the likelihood cancels), self-normalised per galaxy (SCIENCE.md,
+"Importance reweighting"). Both log-priors are densities in PHYSICAL
+coordinates, normalised over the same parameter box: the stored
+``log_prior`` is ``prior.log_prob(theta)`` of the prior the chains were drawn
+under, and the new one is evaluated the same way.
+
+How far the weights can be trusted is measured per galaxy by Kish's
+effective sample size, ``ESS = (sum w)^2 / sum w^2`` (Kish 1965), and by the
+Pareto k-hat of the weights' upper tail (PSIS; Vehtari, Simpson, Gelman, Yao
+& Gabry 2024, JMLR 25, 72): k-hat > 0.7 means the weights cannot be trusted
+and the galaxy should be re-fitted under the new prior.
+
+The functional core (this section) is pure ``jax.numpy``: log-weights,
+normalisation, ESS and k-hat over the trailing ``(chain, draw)`` axes, jit-
+and vmap-able. The shell below it maps the core over a posterior store's
+galaxy chunks with dask, lazily.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.scipy.special import logsumexp
+
+from popflow import summary
+
+__all__ = [
+    "log_importance_weights",
+    "normalize_log_weights",
+    "kish_ess",
+    "pareto_khat",
+    "pareto_tail_length",
+    "PriorEvaluator",
+    "reweight_dataset",
+    "reweighted",
+    "materialize_weights",
+    "refit_low_ess",
+    "KHAT_THRESHOLD",
+]
+
+KHAT_THRESHOLD = 0.7
+"""PSIS k-hat above which importance weights are unreliable (Vehtari et al. 2024, sec. 3.2.4)."""
+
+_DRAW_AXES = (-2, -1)
+
+
+@jax.jit
+def log_importance_weights(log_prior_new, log_prior_old):
+    """Unnormalised log importance weights ``log p_new - log p_old``; (...) -> (...).
+
+    A draw the old prior gives zero density (``log_prior_old = -inf``) cannot
+    come from a chain drawn under it: its weight is NaN, which marks the whole
+    galaxy as untrustworthy after normalisation. NaN inputs (draws of
+    unusable galaxies) stay NaN. A draw outside the new prior's support gets
+    weight zero (``-inf``).
+    """
+    new = jnp.asarray(log_prior_new, jnp.float32)
+    old = jnp.asarray(log_prior_old, jnp.float32)
+    return jnp.where(old == -jnp.inf, jnp.nan, new - old)
+
+
+@partial(jax.jit, static_argnames="axis")
+def normalize_log_weights(log_w, axis=_DRAW_AXES):
+    """Self-normalise log-weights over ``axis`` (default: chain, draw) so that ``sum exp = 1``.
+
+    log_w (..., chain, draw) -> same shape. A galaxy whose draws all have
+    zero weight under the new prior gets ``-inf`` everywhere (no draw
+    survives); any NaN makes the whole galaxy NaN.
+    """
+    log_w = jnp.asarray(log_w, jnp.float32)
+    total = logsumexp(log_w, axis=axis, keepdims=True)
+    return jnp.where(total == -jnp.inf, -jnp.inf, log_w - total)
+
+
+@partial(jax.jit, static_argnames="axis")
+def kish_ess(log_w, axis=_DRAW_AXES):
+    """Kish effective sample size ``(sum w)^2 / sum w^2``; (..., chain, draw) -> (...).
+
+    Accepts normalised or unnormalised log-weights. Zero when every weight is
+    zero, NaN when any is NaN. Equal weights give the number of draws.
+    """
+    log_w = jnp.asarray(log_w, jnp.float32)
+    a = logsumexp(log_w, axis=axis)
+    b = logsumexp(2.0 * log_w, axis=axis)
+    return jnp.where(a == -jnp.inf, 0.0, jnp.exp(2.0 * a - b))
+
+
+def pareto_tail_length(n_draws: int, r_eff: float = 1.0) -> int:
+    """Draws in the fitted upper tail: ``ceil(min(0.2 S, 3 sqrt(S / r_eff)))`` (Vehtari et al. 2024, sec. 3.1)."""
+    return int(math.ceil(min(0.2 * n_draws, 3.0 * math.sqrt(n_draws / r_eff))))
+
+
+def _gpd_khat(x):
+    """Shape k of a generalised Pareto fitted to exceedances ``x`` (..., n), ascending, x[..., -1] > 0.
+
+    Zhang & Stephens (2009) profile-likelihood posterior mean of ``b = -k / sigma``,
+    then the weakly informative prior of Vehtari et al. (2024, appendix C) that
+    shrinks k towards 0.5 with weight 10 draws.
+    """
+    n = x.shape[-1]
+    m = 30 + int(math.sqrt(n))
+    j = jnp.arange(1, m + 1, dtype=jnp.float32)
+    x_max = x[..., -1:]
+    # The first quartile of the tail sets the grid's spread. Ties at the cutoff give zero
+    # exceedances; use the smallest positive one then, so that b stays finite.
+    positive_min = jnp.min(jnp.where(x > 0, x, jnp.inf), axis=-1, keepdims=True)
+    q1 = x[..., int(n / 4 + 0.5) - 1 : int(n / 4 + 0.5)]
+    q1 = jnp.where(q1 > 0, q1, positive_min)
+    b = 1.0 / x_max + (1.0 - jnp.sqrt(m / (j - 0.5))) / (3.0 * q1)  # (..., m)
+    k = jnp.mean(jnp.log1p(-b[..., :, None] * x[..., None, :]), axis=-1)  # (..., m)
+    profile = n * (jnp.log(-b / k) - k - 1.0)
+    post = jax.nn.softmax(profile, axis=-1)
+    b_post = jnp.sum(b * post, axis=-1, keepdims=True)
+    k_post = jnp.mean(jnp.log1p(-b_post * x), axis=-1)
+    return (n * k_post + 10.0 * 0.5) / (n + 10.0)
+
+
+@partial(jax.jit, static_argnames="r_eff")
+def pareto_khat(log_w, r_eff: float = 1.0):
+    """PSIS Pareto k-hat of the importance weights per galaxy; (..., chain, draw) -> (...).
+
+    Fits a generalised Pareto distribution to the largest
+    :func:`pareto_tail_length` weights (exceedances over the next largest),
+    as in Vehtari et al. (2024). ``r_eff`` is the relative efficiency of the
+    draws (1 for independent draws; MCMC draws thinned to about one per
+    autocorrelation time are close to it). Returns ``-inf`` when the tail is
+    flat (all top weights equal: bounded weights, e.g. an unchanged prior),
+    ``inf`` when every weight is zero, NaN when any weight is NaN.
+    """
+    log_w = jnp.asarray(log_w, jnp.float32)
+    flat = log_w.reshape(log_w.shape[:-2] + (-1,))
+    s = flat.shape[-1]
+    m = pareto_tail_length(s, r_eff)
+    if m < 5 or m + 1 > s:
+        raise ValueError(f"pareto_khat needs a tail of at least 5 of {s} draws (got {m}); store more draws per galaxy")
+    top = jax.lax.top_k(flat, m + 1)[0][..., ::-1]  # the m + 1 largest, ascending
+    shift = top[..., -1:]
+    safe_shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
+    w = jnp.exp(top - safe_shift)
+    x = w[..., 1:] - w[..., :1]  # exceedances over the cutoff, ascending
+    flat_tail = x[..., -1] <= 0
+    k = _gpd_khat(jnp.where(flat_tail[..., None], 1.0, x))
+    k = jnp.where(flat_tail, -jnp.inf, k)
+    k = jnp.where(shift[..., 0] == -jnp.inf, jnp.inf, k)
+    return jnp.where(jnp.any(jnp.isnan(flat), axis=-1), jnp.nan, k)
+
+
+# --- the lazy shell: posterior stores -------------------------------------------------------------
+#
+# A posterior store (DESIGN.md, "Stores") holds /posterior (one variable per parameter, dims
+# galaxy, chain, draw), /sample_stats/log_prior (the log-density of the prior the chains were drawn
+# under, physical coordinates) and the root attribute ``prior_id``. Reweighting adds, per prior id,
+#
+#   /weights/<prior_id>: log_weight (galaxy, chain, draw), self-normalised; ess, khat (galaxy);
+#                        the weighted summaries of popflow.summary (<name>_q, pz, z_median, z_mode)
+#
+# lazily in a view (``reweighted``), or materialised into the store chunk by chunk
+# (``materialize_weights``, with per-chunk completion markers ``chunk_done``). Galaxies whose ESS is
+# too low are re-fitted under the new prior (``refit_low_ess``): their draws go to
+# /refit/<prior_id> (dim ``refit``, coordinate ``galaxy_index``), their summaries replace the
+# weighted ones in /weights/<prior_id>, and /weights/<prior_id>/refitted (galaxy,) marks them.
+
+LOG_WEIGHT = "log_weight"
+CHUNK_DONE = "chunk_done"
+WEIGHTS_GROUP = "weights"
+SAMPLED_PRIOR_ATTR = "sampled_prior_id"
+VIEW_ATTR = "weights_prior_id"
+
+
+_JITTED_LOG_PROB: dict = {}  # prior id -> jitted log_prob, per process (the id is a content hash)
+
+
+class PriorEvaluator:
+    """``prior.log_prob`` on NumPy arrays, in fixed-size blocks so that it compiles once.
+
+    theta (..., dim) physical -> (...) float32. Rows with a non-finite
+    coordinate (draws of unusable galaxies) give NaN without reaching the
+    prior. Picklable (the compiled function is rebuilt in each process), so a
+    dask.distributed worker can run it.
+    """
+
+    def __init__(self, prior, block_size: int = 8192):
+        self.prior = prior
+        self.block_size = int(block_size)
+        self._fn = None
+
+    def __getstate__(self):
+        return {"prior": self.prior, "block_size": self.block_size, "_fn": None}
+
+    def __call__(self, theta) -> np.ndarray:
+        space = self.prior.space
+        theta = np.asarray(theta, np.float32)
+        if theta.shape[-1] != space.dim:
+            raise ValueError(f"PriorEvaluator: theta has {theta.shape[-1]} parameters, the prior {self.prior.id} has {space.dim}")
+        if self._fn is None:
+            self._fn = _JITTED_LOG_PROB.setdefault(self.prior.id, jax.jit(self.prior.log_prob))
+        flat = theta.reshape(-1, space.dim)
+        ok = np.all(np.isfinite(flat), axis=-1)
+        centre = 0.5 * (space.lower + space.upper)
+        n, b = flat.shape[0], self.block_size
+        padded = np.broadcast_to(centre, (-(-n // b) * b, space.dim)).copy()
+        padded[:n] = np.where(ok[:, None], flat, centre)
+        out = np.concatenate([np.asarray(self._fn(padded[i : i + b])) for i in range(0, padded.shape[0], b)])[:n]
+        return np.where(ok, out, np.nan).astype(np.float32).reshape(theta.shape[:-1])
+
+
+@jax.jit
+def _weights_core(log_prior_new, log_prior_old):
+    """(galaxy, chain, draw) twice -> normalised log_weight (same shape), ess and khat (galaxy,)."""
+    lw = normalize_log_weights(log_importance_weights(log_prior_new, log_prior_old))
+    return lw, kish_ess(lw), pareto_khat(lw)
+
+
+def _reweight_block(block, *, evaluator: PriorEvaluator, names, log_prior: str, pad_to: int):
+    """One galaxy chunk of :func:`reweight_dataset` (runs inside a dask task).
+
+    The weights are computed on the chunk padded to ``pad_to`` galaxies, so that the last,
+    shorter chunk does not compile the core again.
+    """
+    import xarray as xr
+
+    theta = np.stack([block[n].values for n in names], axis=-1)  # (galaxy, chain, draw, dim)
+    n_gal = theta.shape[0]
+    pad = ((0, max(pad_to - n_gal, 0)), (0, 0), (0, 0))
+    lp_new, lp_old = (np.pad(a, pad) for a in (evaluator(theta), block[log_prior].values))
+    lw, ess, khat = (np.asarray(a)[:n_gal] for a in _weights_core(lp_new, lp_old))
+    out = {LOG_WEIGHT: (("galaxy", "chain", "draw"), lw), "ess": (("galaxy",), ess), "khat": (("galaxy",), khat)}
+    weighted = summary.summarize(theta, names, weights=np.exp(lw))
+    out.update({k: (_summary_dims(k), v) for k, v in weighted.items()})
+    coords = {k: c for k, c in block.coords.items() if set(c.dims) <= {"galaxy", "chain", "draw"}}
+    coords.update(quantile=summary.QUANTILES, z_grid=summary.Z_GRID.astype(np.float32))
+    return xr.Dataset(out, coords=coords)
+
+
+def _summary_dims(name: str) -> tuple[str, ...]:
+    return ("galaxy", "quantile") if name.endswith("_q") else ("galaxy", "z_grid") if name == "pz" else ("galaxy",)
+
+
+def reweight_dataset(posterior, log_prior_old, prior, *, names=None, block_size: int = 8192):
+    """Lazy importance weights and weighted summaries under ``prior``; computes nothing.
+
+    posterior: Dataset with one variable per parameter, dims (galaxy, chain, draw),
+    physical coordinates, dask-backed (chunked along galaxy). log_prior_old:
+    DataArray (galaxy, chain, draw), the log-density of the prior the draws were
+    made under (physical coordinates, normalised over the same box). Returns a
+    dask-backed Dataset, one task per galaxy chunk: ``log_weight`` (galaxy,
+    chain, draw) self-normalised, ``ess`` and ``khat`` (galaxy,), and the weighted
+    summaries of :func:`popflow.summary.summarize` (``<name>_q`` (galaxy,
+    quantile), ``pz`` (galaxy, z_grid), ``z_median``, ``z_mode``).
+    """
+    import dask.array as da
+    import xarray as xr
+
+    names = tuple(prior.space.names if names is None else names)
+    missing = [n for n in names if n not in posterior.data_vars]
+    if missing:
+        raise KeyError(f"posterior has no variable for parameter(s) {', '.join(missing)} of prior {prior.id}; "
+                       f"it has: {', '.join(map(str, posterior.data_vars))}")
+    log_prior = "__log_prior_old"
+    inputs = posterior[list(names)].assign({log_prior: log_prior_old})
+    if not all(inputs[v].chunks for v in inputs.data_vars):
+        inputs = inputs.chunk({"galaxy": "auto"})
+    g_chunks = inputs[log_prior].chunks[inputs[log_prior].dims.index("galaxy")]
+    inputs = inputs.chunk({"galaxy": g_chunks, "chain": -1, "draw": -1})
+
+    base = inputs[log_prior].astype(np.float32)  # (galaxy, chain, draw) dask, the chunk layout of every output
+    per_galaxy = base.isel(chain=0, draw=0, drop=True)
+    template = {LOG_WEIGHT: base, "ess": per_galaxy, "khat": per_galaxy}
+    for name in names:
+        template[f"{name}_q"] = xr.DataArray(
+            da.empty((base.sizes["galaxy"], summary.QUANTILES.size), dtype=np.float32, chunks=(g_chunks, -1)),
+            dims=("galaxy", "quantile"))
+    template["pz"] = xr.DataArray(da.empty((base.sizes["galaxy"], summary.Z_GRID.size), dtype=np.float32, chunks=(g_chunks, -1)),
+                                  dims=("galaxy", "z_grid"))
+    template["z_median"] = template["z_mode"] = per_galaxy
+    template = xr.Dataset(template).assign_coords(quantile=summary.QUANTILES, z_grid=summary.Z_GRID.astype(np.float32))
+    return xr.map_blocks(_reweight_block, inputs, template=template,
+                         kwargs={"evaluator": PriorEvaluator(prior, block_size), "names": names, "log_prior": log_prior,
+                                 "pad_to": int(max(g_chunks))})
+
+
+def _check_space(prior, posterior, source: str):
+    missing = [n for n in prior.space.names if n not in posterior.data_vars]
+    if missing:
+        raise ValueError(f"{source}: the new prior {prior.id} has parameter(s) {', '.join(missing)} that the posterior "
+                         f"store does not (it has {', '.join(map(str, posterior.data_vars))}); reweighting needs the same space")
+
+
+def _stored_weights(dt, prior_id: str, sampled_id: str):
+    """The materialised ``/weights/<prior_id>`` group as a Dataset, or None when absent or incomplete."""
+    path = f"{WEIGHTS_GROUP}/{prior_id}"
+    try:
+        node = dt[path]
+    except KeyError:
+        return None
+    if not node.attrs.get("complete") or node.attrs.get(SAMPLED_PRIOR_ATTR) != sampled_id:
+        return None
+    return node.to_dataset(inherit=False).drop_vars(CHUNK_DONE, errors="ignore")
+
+
+def reweighted(dt, prior, *, source: str = "posterior"):
+    """A lazily reweighted view of a posterior DataTree under ``prior``; reads no chunk.
+
+    When ``prior.id`` equals the tree's ``prior_id`` (the draws were made under
+    it) the tree is returned unchanged. Otherwise the view has:
+    ``/weights/<prior.id>`` with ``log_weight``, ``ess``, ``khat`` and the
+    weighted summaries (the materialised group when :func:`materialize_weights`
+    has completed it, else dask-backed computations), ``/summary`` with the
+    weighted summaries in place of the stored ones, and the root attribute
+    ``weights_prior_id`` naming the prior the summaries are under (``prior_id``
+    still names the prior of the draws). ``source`` names the store in errors.
+    """
+    import xarray as xr
+
+    attrs = dict(dt.attrs)
+    if VIEW_ATTR in attrs:
+        raise ValueError(f"{source}: already a view reweighted to prior {attrs[VIEW_ATTR]}; reweight the stored posterior instead")
+    sampled = attrs.get("prior_id")
+    if sampled is None:
+        raise ValueError(f"{source}: no 'prior_id' attribute, so the prior of its draws is unknown and cannot be divided out")
+    if prior.id == sampled:
+        return dt
+    for group, var in (("posterior", None), ("sample_stats", "log_prior")):
+        if group not in dt.children or (var is not None and var not in dt[group].data_vars):
+            raise KeyError(f"{source}: no /{group}{'/' + var if var else ''} (not a popflow posterior store?)")
+    posterior = dt["posterior"].to_dataset(inherit=False)
+    _check_space(prior, posterior, source)
+    weights = _stored_weights(dt, prior.id, sampled)
+    if weights is None:
+        weights = reweight_dataset(posterior, dt["sample_stats"]["log_prior"], prior)
+    tree = {node.path: node.to_dataset(inherit=False) for node in dt.subtree}
+    tree["/"] = tree["/"].assign_attrs({**attrs, VIEW_ATTR: prior.id})
+    weighted_summary = [v for v in weights.data_vars if v not in (LOG_WEIGHT, "ess", "khat", "refitted")]
+    stored_summary = tree.get("/summary", xr.Dataset())
+    tree["/summary"] = xr.merge([stored_summary.drop_vars([v for v in weighted_summary if v in stored_summary]),
+                                 weights[weighted_summary]], compat="override", join="override")
+    tree[f"/{WEIGHTS_GROUP}/{prior.id}"] = weights
+    return xr.DataTree.from_dict(tree)
+
+
+def _weights_encoding(ds) -> dict:
+    from zarr.codecs import BloscCodec
+
+    comp = [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")]
+    enc = {}
+    for name, var in ds.variables.items():
+        if name in ds.dims:
+            continue
+        enc[name] = {"compressors": comp, "fill_value": np.nan if var.dtype.kind == "f" else 0}
+    return enc
+
+
+def materialize_weights(path, prior, *, progress: bool = True, log=print) -> dict:
+    """Write ``/weights/<prior.id>`` into the posterior store at ``path``, chunk by chunk, resumably.
+
+    Each galaxy chunk of the store is reweighted (:func:`reweight_dataset`),
+    written as its region of the group and only then marked done in the
+    group's ``chunk_done`` (one Zarr chunk per marker); a re-run skips marked
+    chunks, so an interrupted run resumes where it stopped. The group's
+    attributes ``prior_id``, ``sampled_prior_id`` and ``complete`` are written
+    last. Holds the store's lock (:func:`popflow.pipeline.store_lock`), so it
+    never runs while ``popflow fit`` writes the same store. ``prior``: a prior
+    object. Returns ``{"group", "n_chunks", "chunks_done_now", "ess_median",
+    "frac_khat_ok", "seconds"}``.
+    """
+    import time
+
+    import xarray as xr
+    import zarr
+    from tqdm.auto import tqdm
+
+    from popflow.pipeline import open_posterior, store_lock
+
+    path = Path(path)
+    t0 = time.perf_counter()
+    with store_lock(path):
+        dt = open_posterior(path)
+        sampled = dt.attrs.get("prior_id")
+        if sampled is None:
+            raise ValueError(f"{path}: no 'prior_id' attribute (an interrupted fit layout?); finish the fit first")
+        if prior.id == sampled:
+            raise ValueError(f"{path}: the draws were made under prior {prior.id} already; there is nothing to reweight")
+        if "chunk_done" in dt.data_vars and not bool(np.all(dt["chunk_done"].values)):
+            n_left = int(np.sum(dt["chunk_done"].values == 0))
+            raise ValueError(f"{path}: {n_left} fit chunk(s) are not done; finish the fit (re-run popflow fit) before reweighting")
+        posterior = dt["posterior"].to_dataset(inherit=False)
+        _check_space(prior, posterior, str(path))
+        weights = reweight_dataset(posterior, dt["sample_stats"]["log_prior"], prior)
+        g_chunks = weights[LOG_WEIGHT].chunks[0]
+        bounds = np.concatenate([[0], np.cumsum(g_chunks)])
+        group = f"{WEIGHTS_GROUP}/{prior.id}"
+        identity = {"prior_id": prior.id, SAMPLED_PRIOR_ATTR: sampled, "galaxy_chunks": [int(c) for c in g_chunks]}
+
+        root = zarr.open_group(path, mode="r+")
+        existing = dict(root[group].attrs) if group in root else None
+        if existing is not None and any(existing.get(k) != v for k, v in identity.items()):
+            log(f"popflow: {path}/{group} was made for other draws or chunks ({existing.get(SAMPLED_PRIOR_ATTR)}); rebuilding it")
+            existing = None
+        if existing is None:
+            layout = weights.assign({CHUNK_DONE: ("chunk", np.zeros(len(g_chunks), np.int8))}).chunk({"chunk": 1})
+            layout.to_zarr(path, group=group, mode="w", compute=False, consolidated=False,
+                           encoding=_weights_encoding(layout))
+            zarr.open_group(path, path=group, mode="r+").attrs.update({**identity, "complete": False})
+        done_array = zarr.open_array(path, path=f"{group}/{CHUNK_DONE}", mode="r+")
+        todo = [i for i, d in enumerate(done_array[:]) if not d]
+        region_vars = [v for v in weights.data_vars if "galaxy" in weights[v].dims]
+        with tqdm(total=int(bounds[-1]), initial=int(bounds[-1] - sum(g_chunks[i] for i in todo)), unit="gal",
+                  desc="reweight", disable=not progress) as bar:
+            for i in todo:
+                region = slice(int(bounds[i]), int(bounds[i + 1]))
+                part = weights[region_vars].isel(galaxy=region).compute()
+                part = part.drop_vars([c for c in part.coords if "galaxy" not in part[c].dims])
+                part.to_zarr(path, group=group, region={"galaxy": region}, mode="r+", consolidated=False)
+                done_array[i] = 1  # the marker last: a chunk counts as done once its data are on disk
+                bar.update(region.stop - region.start)
+        zarr.open_group(path, path=group, mode="r+").attrs["complete"] = True
+        stored = xr.open_zarr(path, group=group, consolidated=False)
+        ess, khat = stored["ess"].values, stored["khat"].values
+    if todo:
+        log(f"popflow: reweighted {int(sum(g_chunks[i] for i in todo))} galaxies to prior {prior.id} into {path}/{group}")
+    return {"group": group, "n_chunks": len(g_chunks), "chunks_done_now": len(todo),
+            "ess_median": float(np.nanmedian(ess)) if np.isfinite(ess).any() else float("nan"),
+            "frac_khat_ok": float(np.mean(khat[np.isfinite(ess)] <= KHAT_THRESHOLD)) if np.isfinite(ess).any() else float("nan"),
+            "seconds": time.perf_counter() - t0}
+
+
+REFIT_GROUP = "refit"
+
+
+def refit_low_ess(posterior, catalog, prior, threshold: float, *, emulator, progress: bool = True, log=print) -> dict:
+    """Re-fit, under ``prior``, the galaxies whose ESS after reweighting to it is below ``threshold``.
+
+    The store's weights under ``prior`` are materialised first (:func:`materialize_weights`).
+    Usable galaxies with ``ess < threshold`` are fitted again with the store's own data model,
+    sampler settings and seed (chunk keys ``fold_in(PRNGKey(seed), n_chunks + b)``, distinct from
+    the original fit's), in batches of the store's chunk size. Their draws go to
+    ``/refit/<prior.id>`` (dim ``refit``; coordinates ``galaxy_index``, the position in the store,
+    and ``galaxy_id``) with ``sample_stats``-like diagnostics; in ``/weights/<prior.id>`` their
+    summaries are replaced by the re-fit's and ``refitted`` (galaxy,) records which were
+    re-fitted, so the reweighted view (:func:`reweighted`) shows them. ``emulator``: an emulator
+    object or spec (:func:`popflow.pipeline.load_model`) whose id matches the store's. Returns
+    ``{"n_refitted", "galaxy_index", "seconds"}``.
+    """
+    import time
+
+    import jax
+    import xarray as xr
+    import zarr
+
+    from popflow.catalog import open_catalog
+    from popflow.datamodel import DataModel
+    from popflow.fit import FitSettings, fit_chunk
+    from popflow.pipeline import load_model, open_posterior, store_lock
+
+    path = Path(posterior)
+    t0 = time.perf_counter()
+    materialize_weights(path, prior, progress=progress, log=log)
+    with store_lock(path):
+        dt = open_posterior(path)
+        attrs = dict(dt.attrs)
+        emulator = load_model(emulator, "emulator") if isinstance(emulator, (str, Path)) else emulator
+        if emulator.id != attrs.get("emulator_id"):
+            raise ValueError(f"{path}: fitted with emulator {attrs.get('emulator_id')}, not {emulator.id}; "
+                             "re-fits must use the store's emulator")
+        cat = open_catalog(catalog)
+        if cat.attrs.get("source_sha256") != attrs.get("catalog_sha256"):
+            raise ValueError(f"{path}: fitted on catalogue sha256 {attrs.get('catalog_sha256')}, "
+                             f"but {catalog} has {cat.attrs.get('source_sha256')}")
+        group = f"{WEIGHTS_GROUP}/{prior.id}"
+        wds = xr.open_zarr(path, group=group, consolidated=False)
+        ess = wds["ess"].values
+        usable = dt["sample_stats"]["usable"].values.astype(bool)
+        idx = np.flatnonzero(usable & (ess < threshold))
+        refit_group = f"{REFIT_GROUP}/{prior.id}"
+        root = zarr.open_group(path, mode="r+")
+        if refit_group in root and root[refit_group].attrs.get("complete") \
+                and root[refit_group].attrs.get("threshold") == float(threshold):
+            log(f"popflow: {path}/{refit_group} is complete ({len(idx)} galaxies below ESS {threshold}); nothing to do")
+            return {"n_refitted": 0, "galaxy_index": idx, "seconds": time.perf_counter() - t0}
+        log(f"popflow: {len(idx)} of {int(usable.sum())} usable galaxies have ESS < {threshold} under prior {prior.id}; re-fitting them")
+        emulator = emulator.select(tuple(cat.attrs["filters"]))
+        datamodel = DataModel.from_dict(attrs["datamodel"])
+        settings = FitSettings.from_dict(attrs["settings"])
+        chunk = int(attrs.get("chunk_size", max(len(idx), 1)))
+        n_chunks = len(dt["chunk_done"]) if "chunk_done" in dt.data_vars else 0
+        parts = []
+        from tqdm.auto import tqdm
+
+        for b, start in enumerate(tqdm(range(0, len(idx), chunk), desc="refit", disable=not progress)):
+            rows = idx[start : start + chunk]
+            sub = cat.isel(galaxy=rows)
+            field = np.asarray(sub["field"].values, np.int32) if datamodel.n_fields is not None else None
+            key = jax.random.fold_in(jax.random.PRNGKey(int(attrs.get("seed", 0))), n_chunks + b)
+            parts.append(fit_chunk(key, sub["flux"].values, sub["flux_err"].values, sub["mask"].values, emulator=emulator,
+                                   prior=prior, datamodel=datamodel, settings=settings, field=field, pad_to=chunk))
+        names = prior.space.names
+        dims = ("refit", "chain", "draw")
+        if parts:
+            res = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        else:
+            shape = (0, settings.n_walkers, settings.n_draws)
+            res = {"samples": np.zeros(shape + (len(names),), np.float32),
+                   **{k: np.zeros(shape, np.float32) for k in ("log_prior", "log_likelihood")},
+                   **{k: np.zeros(0, np.float32) for k in ("acceptance_rate", "tau", "rhat")},
+                   "converged": np.zeros(0, bool), "usable": np.zeros(0, bool)}
+        out = xr.Dataset({**{n: (dims, res["samples"][..., i]) for i, n in enumerate(names)},
+                          **{k: (dims if res[k].ndim == 3 else ("refit",), res[k]) for k in res if k != "samples"}},
+                         coords={"galaxy_index": ("refit", idx), "galaxy_id": ("refit", dt["galaxy_id"].values[idx])})
+        out.to_zarr(path, group=refit_group, mode="w", consolidated=False)
+        # the re-fit's own summaries replace the weighted ones of those galaxies
+        refitted = np.zeros(len(ess), bool)
+        refitted[idx] = True
+        # through zarr, not xarray: an xarray append would rewrite the group's attributes (its completion flag)
+        wgroup = zarr.open_group(path, path=group, mode="r+")
+        chunks = wgroup["ess"].chunks
+        if "refitted" not in wgroup:
+            wgroup.create_array("refitted", shape=(len(ess),), chunks=chunks, dtype=bool, fill_value=False,
+                                dimension_names=["galaxy"])
+        wgroup["refitted"][:] = refitted
+        if len(idx):
+            for name, values in summary.summarize(res["samples"], names).items():
+                arr = zarr.open_array(path, path=f"{group}/{name}", mode="r+")
+                arr.oindex[(idx,) + (slice(None),) * (values.ndim - 1)] = values
+        zarr.open_group(path, path=refit_group, mode="r+").attrs.update(
+            {"prior_id": prior.id, "threshold": float(threshold), "complete": True})
+    return {"n_refitted": len(idx), "galaxy_index": idx, "seconds": time.perf_counter() - t0}

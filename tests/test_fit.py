@@ -1,0 +1,132 @@
+"""fit_chunk on toy galaxies: recovery, unusable galaxies, padding, determinism, the output contract."""
+
+import jax
+import numpy as np
+import pytest
+from scipy import stats
+
+from popflow import fit as fit_mod
+from popflow.datamodel import DataModel
+from popflow.fit import FitSettings, fit_chunk
+from tests.toymodel import ToyEmulator, UniformPrior, simulate_photometry, typical_theta
+
+try:
+    from popflow.priors.analytic import AnalyticPrior
+except ImportError:  # the analytic prior is written by another part of the project
+    AnalyticPrior = None
+
+# Short chains keep the suite fast; the toy posteriors are well constrained at S/N 20.
+SETTINGS = FitSettings(n_walkers=28, n_burn=800, n_draws=32, thin=8, n_init=512)
+N_GAL = 32
+EMU = ToyEmulator()
+PRIOR = UniformPrior()
+DM = DataModel.from_emulator(EMU)
+
+
+@pytest.fixture(scope="module")
+def toy_chunk():
+    truth = typical_theta(N_GAL, seed=11)
+    flux, err, mask = simulate_photometry(EMU, truth, snr=20.0, seed=12)
+    out = fit_chunk(jax.random.key(0), flux, err, mask, emulator=EMU, prior=PRIOR, datamodel=DM, settings=SETTINGS)
+    return truth, (flux, err, mask), out
+
+
+def test_output_contract(toy_chunk):
+    _, _, out = toy_chunk
+    w, n, d = SETTINGS.n_walkers, SETTINGS.n_draws, PRIOR.space.dim
+    assert out["samples"].shape == (N_GAL, w, n, d) and out["samples"].dtype == np.float32
+    for k in ("log_prior", "log_likelihood"):
+        assert out[k].shape == (N_GAL, w, n)
+    for k in ("acceptance_rate", "tau", "rhat", "converged", "usable"):
+        assert out[k].shape == (N_GAL,)
+    assert out["usable"].all() and np.isfinite(out["samples"]).all()
+    assert PRIOR.space.in_bounds(out["samples"]).all()
+    # log_prior is the PHYSICAL density of the draws under the prior
+    np.testing.assert_allclose(out["log_prior"], np.asarray(PRIOR.log_prob(out["samples"])), rtol=1e-5)
+    # log_likelihood is the data model's value at the draws
+    flux, err, mask = toy_chunk[1]
+    g = 3
+    model = 10 ** (-0.4 * (np.asarray(EMU.magnitudes(out["samples"][g])) - 31.4))
+    np.testing.assert_allclose(out["log_likelihood"][g], np.asarray(DM.log_likelihood(model, flux[g], err[g], mask[g])), rtol=1e-4, atol=1e-3)
+    assert np.all((out["acceptance_rate"] > 0.01) & (out["acceptance_rate"] < 0.9))
+
+
+def test_redshift_recovery_coverage(toy_chunk):
+    truth, _, out = toy_chunk
+    z = out["samples"][..., PRIOR.space.index("redshift")].reshape(N_GAL, -1)
+    lo, hi = np.percentile(z, [2.5, 97.5], axis=1)
+    inside = int(np.sum((truth[:, -1] >= lo) & (truth[:, -1] <= hi)))
+    # calibrated 95% intervals: inside ~ Binomial(32, 0.95); P(inside <= 26) = 0.007, so >= 27 is required
+    assert stats.binom.cdf(26, N_GAL, 0.95) < 0.01
+    assert inside >= 27, f"only {inside}/{N_GAL} true redshifts inside the 95% intervals"
+    # and the point estimates are good at S/N 20: median |dz|/(1+z) small
+    e = np.abs(np.median(z, axis=1) - truth[:, -1]) / (1 + truth[:, -1])
+    assert np.median(e) < 0.05
+
+
+def test_unusable_galaxies_are_flagged_and_do_not_leak(toy_chunk):
+    _, (flux, err, mask), ref = toy_chunk
+    flux, err, mask = flux[:5].copy(), err[:5].copy(), mask[:5].copy()
+    mask[1] = False
+    flux[1] = np.nan  # anything may sit under a mask
+    err[1] = np.nan
+    mask[3, 2] = False
+    err[3, 2] = -1.0
+    out = fit_chunk(jax.random.key(0), flux, err, mask, emulator=EMU, prior=PRIOR, datamodel=DM, settings=SETTINGS, pad_to=N_GAL)
+    assert out["usable"].tolist() == [True, False, True, True, True]
+    assert not out["converged"][1]
+    for k in ("samples", "log_prior", "log_likelihood", "acceptance_rate", "tau", "rhat"):
+        assert np.isnan(out[k][1]).all(), k
+        assert np.isfinite(out[k][[0, 2, 3, 4]]).all(), k
+    # galaxies 0, 2, 4 are untouched: identical to their fit inside the full chunk (same key, same index)
+    for g in (0, 2, 4):
+        np.testing.assert_array_equal(out["samples"][g], ref["samples"][g])
+
+
+def test_padding_and_determinism(toy_chunk):
+    _, (flux, err, mask), ref = toy_chunk
+    kw = dict(emulator=EMU, prior=PRIOR, datamodel=DM, settings=SETTINGS)
+    n_cached = len(fit_mod._KERNELS)
+    padded = fit_chunk(jax.random.key(0), flux[:5], err[:5], mask[:5], pad_to=N_GAL, **kw)
+    assert len(fit_mod._KERNELS) == n_cached, "the kernel must be reused, not rebuilt"
+    for k in ref:
+        assert padded[k].shape[0] == 5
+        np.testing.assert_array_equal(padded[k], ref[k][:5], err_msg=k)
+    again = fit_chunk(jax.random.key(0), flux[:5], err[:5], mask[:5], pad_to=N_GAL, **kw)
+    for k in ref:
+        np.testing.assert_array_equal(again[k], padded[k], err_msg=k)
+    other = fit_chunk(jax.random.key(1), flux[:5], err[:5], mask[:5], pad_to=N_GAL, **kw)
+    assert not np.array_equal(other["samples"], padded["samples"])
+    with pytest.raises(ValueError, match="pad_to"):
+        fit_chunk(jax.random.key(0), flux, err, mask, pad_to=4, **kw)
+
+
+def test_bad_input_is_named():
+    flux, err, mask = simulate_photometry(EMU, typical_theta(3, seed=1), snr=10.0)
+    err[2, 4] = np.nan
+    with pytest.raises(ValueError, match=r"galaxy 2, band 4"):
+        fit_chunk(jax.random.key(0), flux, err, mask, emulator=EMU, prior=PRIOR, datamodel=DM, settings=SETTINGS)
+    with pytest.raises(ValueError, match="bands"):
+        fit_chunk(jax.random.key(0), flux[:, :5], err[:, :5], mask[:, :5], emulator=EMU, prior=PRIOR, datamodel=DM, settings=SETTINGS)
+
+
+def test_settings_validation_and_round_trip():
+    s = FitSettings(n_walkers=30, n_burn=600, burn_stages=3)
+    assert FitSettings.from_dict(s.to_dict()) == s
+    assert s.n_steps == 600 + s.n_draws * s.thin
+    with pytest.raises(ValueError, match="init"):
+        FitSettings(init="nope")
+    with pytest.raises(ValueError, match="burn_stages"):
+        FitSettings(n_burn=1000, burn_stages=3)
+    with pytest.raises(ValueError, match="2 x dim"):
+        fit_mod.make_fit_kernel(EMU, PRIOR, DM, FitSettings(n_walkers=20))
+
+
+@pytest.mark.slow  # compiling the analytic prior into a fit kernel takes ~30-100 s on 2 shared cores
+@pytest.mark.skipif(AnalyticPrior is None, reason="popflow.priors.analytic not available")
+def test_analytic_prior_log_prior_is_physical():
+    prior = AnalyticPrior()
+    s = FitSettings(n_walkers=28, n_burn=40, n_draws=4, thin=1, n_init=256, burn_stages=2)
+    flux, err, mask = simulate_photometry(EMU, typical_theta(2, seed=2), snr=20.0)
+    out = fit_chunk(jax.random.key(0), flux, err, mask, emulator=EMU, prior=prior, datamodel=DM, settings=s)
+    np.testing.assert_allclose(out["log_prior"], np.asarray(prior.log_prob(out["samples"])), rtol=1e-4, atol=1e-3)

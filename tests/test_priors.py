@@ -1,0 +1,272 @@
+"""Population priors: normalisation, sampling, exact diffusion log-densities on GMM targets, artifacts, CLI."""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from scipy import stats
+
+from popflow.params import DEFAULT_SPACE, Parameter, ParameterSpace
+from popflow.priors import AnalyticPrior, DiffusionPrior, FlowPrior, load_prior, train_diffusion_prior, train_flow_prior
+from popflow.priors.gmm import gmm_target
+
+DATA = Path(__file__).parent / "data" / "priors"
+
+
+def gmm_space(dim):
+    return ParameterSpace(tuple(Parameter(f"x{i}", 0.0, 1.0, "", "") for i in range(dim)))
+
+
+def _integrate_1d(prior):
+    lo, hi = prior.space.lower[0], prior.space.upper[0]
+    g = np.linspace(lo, hi, 100_001)
+    return np.trapezoid(np.exp(np.asarray(prior.log_prob(g[:, None]), np.float64)), g)
+
+
+# ----------------------------------------------------------------------------- analytic prior
+@pytest.mark.parametrize("name", ["log_mass", "logsfr_ratio_3", "dust2", "dust_index", "dust1_fraction", "log_zgas", "log_u", "redshift"])
+def test_analytic_marginals_normalised(name):
+    # trapezoid on 1e5 points of a smooth density: error << 1e-4
+    assert _integrate_1d(AnalyticPrior(DEFAULT_SPACE.subset([name]))) == pytest.approx(1.0, abs=1e-4)
+
+
+def test_analytic_mass_metallicity_normalised_and_full_prior_factorises():
+    p = AnalyticPrior(DEFAULT_SPACE.subset(["log_mass", "log_zstar"]))
+    m, z = np.linspace(7, 13, 1201), np.linspace(-1.98, 0.19, 1201)
+    v = np.exp(np.asarray(p.log_prob(np.stack(np.meshgrid(m, z, indexing="ij"), -1)), np.float64))
+    assert np.trapezoid(np.trapezoid(v, z, axis=1), m) == pytest.approx(1.0, abs=1e-3)
+    # the 14-D prior is the product of its normalised pieces, hence normalised
+    full = AnalyticPrior()
+    theta = np.asarray(full.sample(jax.random.key(0), 50))
+    parts = p.log_prob(theta[:, :2]) + sum(
+        AnalyticPrior(DEFAULT_SPACE.subset([n])).log_prob(theta[:, [DEFAULT_SPACE.index(n)]]) for n in DEFAULT_SPACE.names[2:]
+    )
+    np.testing.assert_allclose(full.log_prob(theta), parts, rtol=1e-5, atol=1e-4)
+
+
+def test_analytic_outside_box_and_latent_density():
+    p = AnalyticPrior()
+    theta = np.asarray(p.sample(jax.random.key(1), 20))
+    bad = theta.copy()
+    bad[:, DEFAULT_SPACE.index("dust2")] = -0.1
+    assert np.all(np.isneginf(p.log_prob(bad)))
+    assert np.all(np.isfinite(p.log_prob(theta)))
+    phi = DEFAULT_SPACE.to_latent(theta)
+    np.testing.assert_allclose(p.log_prob_latent(phi), p.log_prob(theta) + DEFAULT_SPACE.log_jacobian(phi), rtol=1e-5, atol=1e-3)
+    assert jnp.allclose(jax.jit(p.log_prob)(theta), p.log_prob(theta))
+
+
+def test_analytic_samples_follow_density():
+    p = AnalyticPrior()
+    theta = np.asarray(p.sample(jax.random.key(2), 20_000))
+    assert DEFAULT_SPACE.check(theta).shape == (20_000, 14)
+    # KS against the 1-D CDFs (numerical integrals of the density); 2e4 draws, fixed seed: p-values ~U(0,1)
+    for name in ["logsfr_ratio_2", "dust2", "dust1_fraction"]:
+        sub = AnalyticPrior(DEFAULT_SPACE.subset([name]))
+        g = np.linspace(sub.space.lower[0], sub.space.upper[0], 20_001)
+        cdf = np.concatenate([[0], np.cumsum(np.diff(g) * 0.5 * np.convolve(np.exp(np.asarray(sub.log_prob(g[:, None]))), [1, 1], "valid"))])
+        assert stats.kstest(theta[:, DEFAULT_SPACE.index(name)], lambda x: np.interp(x, g, cdf)).pvalue > 1e-3, name
+
+
+def test_analytic_metallicity_scale_convention():
+    # default: Prospector's sigma = p84 - p16; factor 0.5 gives the Gaussian-equivalent width (narrower, higher peak)
+    m = np.array([[10.07, -0.23]])  # at the tabulated median for log M = 10.07
+    wide = AnalyticPrior(DEFAULT_SPACE.subset(["log_mass", "log_zstar"]))
+    narrow = AnalyticPrior(DEFAULT_SPACE.subset(["log_mass", "log_zstar"]), zstar_sigma_factor=0.5)
+    sigma = 0.14 - (-0.80)
+    expect = stats.truncnorm((-1.98 + 0.23) / sigma, (0.19 + 0.23) / sigma, loc=-0.23, scale=sigma).logpdf(-0.23) - np.log(6.0)
+    assert float(wide.log_prob(m)[0]) == pytest.approx(expect, abs=1e-4)
+    assert float(narrow.log_prob(m)[0]) > float(wide.log_prob(m)[0])
+
+
+def test_analytic_nz_table():
+    z = np.linspace(0, 7, 30)
+    p = AnalyticPrior(DEFAULT_SPACE.subset(["redshift"]), nz=(z, z**2 * np.exp(-z / 0.4)))
+    assert _integrate_1d(p) == pytest.approx(1.0, abs=1e-4)
+    draws = np.asarray(p.sample(jax.random.key(3), 20_000))[:, 0]
+    g = np.linspace(0, 6, 20_001)
+    cdf = np.cumsum(np.exp(np.asarray(p.log_prob(g[:, None]), np.float64))) * (g[1] - g[0])
+    assert stats.kstest(draws, lambda x: np.interp(x, g, cdf / cdf[-1])).pvalue > 1e-3
+    with pytest.raises(ValueError, match="no probability inside"):
+        AnalyticPrior(nz=([7.0, 8.0], [1.0, 1.0]))
+
+
+def test_analytic_round_trip_and_id(tmp_path):
+    p = AnalyticPrior(nz=(np.linspace(0, 6, 10), np.linspace(1, 2, 10)))
+    pid = p.save(tmp_path / "a")
+    q = load_prior(tmp_path / "a")
+    theta = p.sample(jax.random.key(4), 100)
+    assert pid == p.id == q.id
+    np.testing.assert_array_equal(p.log_prob(theta), q.log_prob(theta))
+    assert AnalyticPrior(dust2_sigma=0.9).id != AnalyticPrior().id
+
+
+# ----------------------------------------------------------------------------- diffusion prior on GMM targets
+@pytest.fixture(scope="module")
+def gmm2d():
+    return load_prior(DATA / "gmm2d"), gmm_target(2, seed=2)
+
+
+@pytest.fixture(scope="module")
+def gmm16d():
+    return load_prior(DATA / "gmm16d"), gmm_target(16, seed=16)
+
+
+def test_gmm2d_log_prob_exact_path(gmm2d):
+    prior, gmm = gmm2d
+    x = gmm.sample(jax.random.key(10), 1000)
+    err = np.asarray(jax.jit(prior.log_prob_latent)(x)) - np.asarray(gmm.log_prob(x))
+    # issue 3 target: <= 0.05 nats on average; 1000 draws give a standard error of ~0.003 on the mean
+    assert np.mean(np.abs(err)) <= 0.05
+
+
+def test_gmm2d_normalised_on_grid(gmm2d):
+    prior, _ = gmm2d
+    g = (np.arange(200) + 0.5) / 200  # midpoints of the unit box, the physical space
+    theta = np.stack(np.meshgrid(g, g, indexing="ij"), -1).reshape(-1, 2)
+    total = np.sum(np.exp(np.asarray(jax.jit(prior.log_prob)(theta), np.float64))) / 200**2
+    assert total == pytest.approx(1.0, abs=0.01)
+
+
+def test_gmm16d_log_prob(gmm16d):
+    prior, gmm = gmm16d
+    x = gmm.sample(jax.random.key(11), 500)
+    err = np.asarray(jax.jit(prior.log_prob_latent)(x)) - np.asarray(gmm.log_prob(x))
+    # measured 0.22 nats (Heun-16; 0.14 with Tsit5) for the shipped CPU-trained artifact: a regression guard, NOT the
+    # issue's 0.05 target, which this artifact does not meet (see model.json "accuracy")
+    assert np.mean(np.abs(err)) <= 0.3
+    assert abs(np.mean(err)) <= 0.1
+
+
+def _mmd_pvalue(a, b, n_perm=200, seed=0):
+    """Permutation p-value of the (biased) Gaussian-kernel MMD^2 with the median-heuristic bandwidth."""
+    x = np.concatenate([a, b]).astype(np.float64)
+    d2 = np.sum((x[:, None] - x[None]) ** 2, -1)
+    k = np.exp(-d2 / np.median(d2[d2 > 0]))
+    n = len(a)
+
+    def mmd(idx):
+        i, j = idx[:n], idx[n:]
+        return k[np.ix_(i, i)].mean() + k[np.ix_(j, j)].mean() - 2 * k[np.ix_(i, j)].mean()
+
+    rng = np.random.default_rng(seed)
+    obs = mmd(np.arange(len(x)))
+    null = [mmd(rng.permutation(len(x))) for _ in range(n_perm)]
+    return (1 + np.sum(np.asarray(null) >= obs)) / (1 + n_perm)
+
+
+@pytest.mark.parametrize("which", ["gmm2d", "gmm16d"])
+@pytest.mark.parametrize("method", ["ode", "sde"])
+def test_gmm_samples_two_sample_test(which, method, request):
+    prior, gmm = request.getfixturevalue(which)
+    model = np.asarray(prior.sample_latent(jax.random.key(12), 600, method=method, n_steps=None if method == "ode" else 500))
+    target = np.asarray(gmm.sample(jax.random.key(13), 600))
+    # fixed seeds; a 1% level keeps false alarms rare while a wrong mode weight or width (0.1-level) is detected
+    assert _mmd_pvalue(model, target) > 0.01
+
+
+def test_fixed_step_agrees_with_adaptive(gmm2d):
+    prior, gmm = gmm2d
+    x = gmm.sample(jax.random.key(14), 50)
+    ref = np.asarray(jax.jit(prior.with_solver(solver="tsit5", rtol=1e-5, atol=1e-6).log_prob_latent)(x))
+    diff = {}
+    for sv in (("heun", 8), ("heun", 16), ("heun", 32), ("rk4", 8)):
+        got = np.asarray(jax.jit(prior.with_solver(solver=sv[0], n_steps=sv[1]).log_prob_latent)(x))
+        diff[sv] = np.mean(np.abs(got - ref))
+    # ODE truncation error only: measured ~0.01 nats for Heun-16, shrinking with the number of steps
+    assert diff[("heun", 16)] < 0.02 and diff[("rk4", 8)] < 0.02
+    assert diff[("heun", 32)] < diff[("heun", 8)]
+
+
+def test_diffusion_round_trip_and_ids(gmm2d, tmp_path):
+    prior, gmm = gmm2d
+    x = gmm.sample(jax.random.key(15), 20)
+    pid = prior.save(tmp_path / "d")
+    again = load_prior(tmp_path / "d")
+    assert isinstance(again, DiffusionPrior) and pid == prior.id == again.id
+    np.testing.assert_array_equal(prior.log_prob_latent(x), again.log_prob_latent(x))
+    meta_arrays = dict(again._arrays)
+    key = next(k for k in meta_arrays if k.startswith("params/") and k.endswith("kernel"))
+    meta_arrays[key] = meta_arrays[key] + np.float32(1e-3)
+    changed = DiffusionPrior.from_artifact(again._meta, meta_arrays)
+    assert changed.id != prior.id
+    assert prior.with_solver(n_steps=8).id != prior.id
+
+
+def test_log_prob_batched_shapes_and_box(gmm2d):
+    prior, _ = gmm2d
+    theta = jax.random.uniform(jax.random.key(16), (3, 4, 2))
+    lp = jax.jit(prior.log_prob)(theta)
+    assert lp.shape == (3, 4) and np.all(np.isfinite(lp))
+    np.testing.assert_allclose(lp[1], prior.log_prob(theta[1]), rtol=1e-5, atol=1e-5)
+    assert np.isneginf(prior.log_prob(jnp.array([1.2, 0.5])))
+
+
+def test_training_from_scratch_decreases_heldout_loss():
+    gmm, space = gmm_target(2, seed=2), gmm_space(2)
+    x = np.asarray(gmm.sample(jax.random.key(0), 20_000))
+    prior = train_diffusion_prior(x, space, latent=True, steps=600, width=64, batch_size=512, learning_rate=3e-3,
+                                  progress=False, solver=dict(n_steps=8))
+    tr = prior.info["training"]
+    # the Gaussian skip already makes the untrained model the best Gaussian; the learned remainder must cut
+    # the held-out DSM loss below it and bring the log-density closer to the GMM than that Gaussian
+    assert tr["val_loss"] < tr["val_loss_initial"] - 0.005
+    xt = np.asarray(gmm.sample(jax.random.key(1), 500))
+    gauss = stats.multivariate_normal(x.mean(0), np.cov(x.T)).logpdf(xt)
+    err_model = np.mean(np.abs(np.asarray(prior.log_prob_latent(xt)) - np.asarray(gmm.log_prob(xt))))
+    assert err_model < 0.85 * np.mean(np.abs(gauss - np.asarray(gmm.log_prob(xt))))
+
+
+# ----------------------------------------------------------------------------- distilled flow
+def test_flow_prior_fits_and_round_trips(tmp_path):
+    gmm, space = gmm_target(2, seed=2), gmm_space(2)
+    x = np.asarray(gmm.sample(jax.random.key(0), 30_000))
+    flow = train_flow_prior(x, space, steps=800, n_layers=4, width=32, progress=False)
+    xt = gmm.sample(jax.random.key(1), 1000)
+    err = np.mean(np.abs(np.asarray(flow.log_prob_latent(xt)) - np.asarray(gmm.log_prob(xt))))
+    assert err < 0.3  # a 4-layer flow after 800 steps; measured ~0.15
+    pid = flow.save(tmp_path / "f")
+    again = load_prior(tmp_path / "f")
+    assert isinstance(again, FlowPrior) and again.id == pid
+    np.testing.assert_array_equal(flow.log_prob_latent(xt), again.log_prob_latent(xt))
+    draws = np.asarray(flow.sample(jax.random.key(2), 100))
+    assert draws.shape == (100, 2) and np.all(space.in_bounds(draws))
+
+
+# ----------------------------------------------------------------------------- shipped population prior, loading, CLI
+def test_shipped_population_priors():
+    for name in ("analytic-diffusion", "analytic-flow"):
+        prior = load_prior(name)
+        assert prior.space == DEFAULT_SPACE
+        theta = AnalyticPrior().sample(jax.random.key(5), 64)
+        lp = jax.jit(prior.log_prob)(theta)
+        assert lp.shape == (64,) and np.all(np.isfinite(lp)), name
+        assert "AnalyticPrior" in str(prior._meta), name  # model.json says what it was trained on
+
+
+def test_load_prior_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="shipped"):
+        load_prior("no-such-prior")
+    from popflow.artifacts import save_artifact
+
+    save_artifact(tmp_path / "x", {"kind": "mystery"}, {})
+    with pytest.raises(ValueError, match="unknown prior kind 'mystery'"):
+        load_prior(tmp_path / "x")
+
+
+def test_cli_prior_train(tmp_path):
+    from popflow.cli import main
+    from popflow.priors.samples import read_samples
+
+    theta = np.asarray(AnalyticPrior().sample(jax.random.key(6), 3000))
+    np.savez(tmp_path / "s.npz", samples=theta)
+    assert read_samples(tmp_path / "s.npz", DEFAULT_SPACE).shape == (3000, 14)
+    np.save(tmp_path / "bad.npy", theta[:, :3])
+    with pytest.raises(ValueError, match=r"expected \(n, 14\)"):
+        read_samples(tmp_path / "bad.npy", DEFAULT_SPACE)
+    assert main(["prior", "train", str(tmp_path / "s.npz"), "--out", str(tmp_path / "p"), "--steps", "200", "--width", "32",
+                 "--batch-size", "256", "--n-steps", "4"]) == 0
+    prior = load_prior(tmp_path / "p")
+    assert prior.info["training"]["steps"] == 200 and np.all(np.isfinite(prior.log_prob(theta[:10])))
