@@ -1,7 +1,7 @@
 """``popflow demo``: the embedded default, end to end, on the shipped mock catalogue.
 
-1. ingest ``catalogs/lsst_demo.parquet`` with the band set ``catalogs/lsst_demo.yaml``
-   (LSST ugrizy mock made by :mod:`popflow.mock`
+1. ingest the shipped ``lsst_demo.parquet`` (``popflow/data/catalogs/``, linked from the
+   repository's ``catalogs/``) with the ``lsst`` band set (LSST ugrizy mock made by :mod:`popflow.mock`
    with the shipped ``lsst`` emulator, the analytic prior and photerr 10-year noise;
    its true parameters are kept, the true redshift is ingested as ``z_spec``);
 2. fit it with the shipped ``lsst`` emulator and the :class:`~popflow.priors.AnalyticPrior`
@@ -22,8 +22,8 @@ import numpy as np
 
 __all__ = ["run_demo", "DEMO_CATALOG", "DEMO_BANDS", "DEMO_EMULATOR", "demo_settings"]
 
-DEMO_CATALOG = Path(__file__).resolve().parents[1] / "catalogs" / "lsst_demo.parquet"
-DEMO_BANDS = DEMO_CATALOG.with_suffix(".yaml")  # lsst columns, the emulator's filter identifiers
+DEMO_CATALOG = Path(__file__).resolve().parent / "data" / "catalogs" / "lsst_demo.parquet"
+DEMO_BANDS = "lsst"
 DEMO_EMULATOR = "lsst"
 DEMO_SEED = 0
 DEMO_CHUNK = 100
@@ -45,8 +45,8 @@ def run_demo(workdir="popflow-demo", workers: int | None = None, threads: int | 
     from popflow.priors import AnalyticPrior
 
     if not DEMO_CATALOG.is_file():
-        raise FileNotFoundError(f"the demo catalogue {DEMO_CATALOG} is missing (it ships in the repository's "
-                                "catalogs/ folder; regenerate it with the command in popflow/mock.py)")
+        raise FileNotFoundError(f"the demo catalogue {DEMO_CATALOG} is missing (it ships as package data; "
+                                "regenerate it with the command in popflow/mock.py)")
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     cat_path, post_path = workdir / "catalog.zarr", workdir / "posterior.zarr"

@@ -14,11 +14,8 @@ reads it as it is): the id column, flux and error columns in nJy, plus
 
 Regenerate the shipped demo catalogue with::
 
-    python -m popflow.mock --emulator lsst --bands catalogs/lsst_demo.yaml --n 1000 --seed 1 \\
-        --out catalogs/lsst_demo.parquet
-
-(``catalogs/lsst_demo.yaml`` is the ``lsst`` band set's columns with the filter identifiers
-of the shipped emulator, the curves the mock is simulated through.)
+    python -m popflow.mock --emulator lsst --bands lsst --n 1000 --seed 1 \\
+        --out popflow/data/catalogs/lsst_demo.parquet
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ from astropy.table import Table
 from popflow.catalog import (available_bandsets, describe_store, ingest, load_bandset, mag_to_njy,
                              open_catalog)
 from popflow.cli import main
-from popflow.filters import load_filter
+from popflow.filters import load_filters
 
 BANDSET = {
     "name": "toy",
@@ -230,10 +230,9 @@ def test_shipped_bandsets_load_and_resolve_filters():
     for name in names:
         bs = load_bandset(name)
         assert bs.name == name
-        for f in bs.filters:
-            if f != "g_subaru.res":  # Subaru g+ lives on the filter search path only
-                load_filter(f)
-    assert load_bandset("lsst").filters == tuple(f"lsst2023-{b}" for b in "ugrizy")
+        if name != "zcosmos_bright":  # its curves live on the filter search path (../shared)
+            load_filters(bs.filters)
+    assert load_bandset("lsst").filters == tuple(f"lsst_baseline_{b}" for b in "ugrizy")
     assert load_bandset("hsc").band_names == tuple("grizy")
     with pytest.raises(ValueError, match="unknown band set 'lsts'.*lsst"):
         load_bandset("lsts")
@@ -263,7 +262,7 @@ def test_zcosmos_ingest_and_info_counts(shared_data, tmp_path, capsys):
         assert row is not None, f"band {band} missing from info output"
         assert int(row.group(1)) == missing.sum(), band
     ds = open_catalog(out)
-    assert ds.attrs["filters"][3] == "g_subaru.res"
+    assert ds.attrs["filters"][3] == "g_subaru"
     np.testing.assert_array_equal(ds.galaxy_id.values, df["id_zcosmos"].to_numpy())
     np.testing.assert_allclose(ds.z_spec.values, df["zpec"].to_numpy(), rtol=1e-6)
 
@@ -293,3 +292,18 @@ def test_describe_posterior_store(tmp_path):
     assert "parameters: log_mass, redshift" in text
     assert "prior_id: abc123" in text and "emulator_id: def456" in text
     assert "chunks_complete: 2 of 3" in text
+
+
+def test_every_shipped_bandset_is_served_by_a_shipped_emulator():
+    """A catalogue ingested with a shipped band set must be fittable with the shipped emulators:
+    its filter identifiers (the curves) are among the emulator's outputs."""
+    import json
+
+    from popflow.artifacts import resolve_artifact
+
+    emulator_for = {"lsst": "lsst", "rail_dc2": "lsst", "sdss": "sdss", "sdss_mgs": "sdss",
+                    "cfhtls": "cfhtls", "hsc": "hsc", "zcosmos_bright": "zcosmos_bright"}
+    for bandset, emulator in emulator_for.items():
+        meta = json.loads((resolve_artifact(emulator, "emulators") / "model.json").read_text())
+        missing = set(load_bandset(bandset).filters) - set(meta["filters"])
+        assert not missing, f"band set {bandset}: filters {missing} not in emulator {emulator}"

@@ -32,12 +32,12 @@ __all__ = ["ToyEmulator", "UniformPrior", "LSST_BANDS", "simulate_photometry", "
 
 # name, filter identifier (speclite), effective wavelength [Angstrom]
 LSST_BANDS = (
-    ("u", "lsst2023-u", 3670.0),
-    ("g", "lsst2023-g", 4830.0),
-    ("r", "lsst2023-r", 6220.0),
-    ("i", "lsst2023-i", 7560.0),
-    ("z", "lsst2023-z", 8700.0),
-    ("y", "lsst2023-y", 9750.0),
+    ("u", "lsst_baseline_u", 3670.0),
+    ("g", "lsst_baseline_g", 4830.0),
+    ("r", "lsst_baseline_r", 6220.0),
+    ("i", "lsst_baseline_i", 7560.0),
+    ("z", "lsst_baseline_z", 8700.0),
+    ("y", "lsst_baseline_y", 9750.0),
 )
 
 
