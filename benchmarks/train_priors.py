@@ -21,7 +21,7 @@ import numpy as np
 from popflow.params import DEFAULT_SPACE, Parameter, ParameterSpace
 from popflow.priors import distill, load_prior
 from popflow.priors.analytic import AnalyticPrior
-from popflow.priors.diffusion import train_diffusion_prior
+from popflow.priors.diffusion import SDE, train_diffusion_prior
 from popflow.priors.gmm import gmm_target
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -34,8 +34,9 @@ def gmm_space(dim: int) -> ParameterSpace:
 
 def log_prob_errors(prior, x, true) -> dict:
     out = {}
-    for name, sv in {"heun": {}, "tsit5": dict(solver="tsit5", rtol=1e-5, atol=1e-6)}.items():
-        lp = np.asarray(jax.jit(prior.with_solver(**sv).log_prob_latent)(x)) if sv else np.asarray(jax.jit(prior.log_prob_latent)(x))
+    s = prior.solver
+    for name, sv in {f"{s['solver']}-{s['n_steps']} rho={s['rho']:g}": {}, "tsit5": dict(solver="tsit5", rtol=1e-5, atol=1e-6)}.items():
+        lp = np.asarray(jax.jit(prior.with_solver(**sv).log_prob_latent)(x))
         out[name] = {"mean_abs_error": float(np.mean(np.abs(lp - true))), "mean_error": float(np.mean(lp - true)), "n": int(len(x))}
     return out
 
@@ -46,14 +47,25 @@ def main():
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--width", type=int, default=128)
     ap.add_argument("--n-steps", type=int, default=16, help="fixed-step Heun steps stored as the default solver")
-    ap.add_argument("--evaluate", action="store_true", help="do not train: measure the saved checkpoint and record its accuracy")
+    ap.add_argument("--rho", type=float, default=2.0, help="fixed-step grid exponent stored with the solver")
+    ap.add_argument("--batch-size", type=int, default=None)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--depth", type=int, default=3)
+    ap.add_argument("--sde", choices=["vp", "subvp"], default="vp")
+    ap.add_argument("--n-samples", type=int, default=400_000, help="GMM targets: training draws")
+    ap.add_argument("--out", default=None, help="output folder (default: the shipped location)")
+    ap.add_argument("--init", default=None, help="fine-tune this diffusion prior folder instead of starting from scratch")
+    ap.add_argument("--evaluate", action="store_true",
+                    help="do not train: set the solver (--n-steps, --rho) of the saved prior, measure it and record its accuracy")
     args = ap.parse_args()
     key = jax.random.key(0)
-    solver = dict(solver="heun", n_steps=args.n_steps)
+    solver = dict(solver="heun", n_steps=args.n_steps, rho=args.rho)
+    init = load_prior(args.init).with_solver(**solver) if args.init else None
+    train_kw = dict(learning_rate=args.lr, solver=solver, init=init, depth=args.depth, sde=SDE(args.sde))
     if args.target == "distill":
         teacher = load_prior("analytic-diffusion")
         out = ROOT / "popflow" / "models" / "priors" / "analytic-flow"
-        flow = distill(teacher, key, n_samples=200_000, steps=args.steps or 3000)
+        flow = distill(teacher, key, n_samples=200_000, steps=args.steps or 4000)
         print("training:", flow.info["training"])
         print("fidelity:", flow.info["fidelity"])
         print("saved", out, "id", flow.save(out))
@@ -61,25 +73,26 @@ def main():
     if args.target.startswith("gmm"):
         dim = 2 if args.target == "gmm2d" else 16
         gmm, space = gmm_target(dim, seed=dim), gmm_space(dim)
-        x = np.asarray(gmm.sample(key, 400_000))
-        out = ROOT / "tests" / "data" / "priors" / args.target
+        x = np.asarray(gmm.sample(key, args.n_samples))
+        out = Path(args.out) if args.out else ROOT / "tests" / "data" / "priors" / args.target
         steps = args.steps or (10_000 if dim == 2 else 30_000)
         t0 = time.time()
-        prior = load_prior(out) if args.evaluate else train_diffusion_prior(x, space, latent=True, steps=steps, width=args.width, batch_size=1024 if dim == 2 else 2048,
-                                      out=out, source=f"popflow.priors.gmm.gmm_target({dim}, seed={dim}) latent draws", solver=solver)
-        print(f"trained {args.target} in {time.time() - t0:.0f} s: {prior.info['training']}")
+        prior = load_prior(out).with_solver(**solver) if args.evaluate else train_diffusion_prior(
+            x, space, latent=True, steps=steps, width=args.width, batch_size=args.batch_size or (1024 if dim == 2 else 2048), out=out,
+            checkpoint_every=500, source=f"popflow.priors.gmm.gmm_target({dim}, seed={dim}) latent draws", **train_kw)
+        print(f"{'loaded' if args.evaluate else 'trained'} {args.target} in {time.time() - t0:.0f} s: {prior.info['training']}")
         xt = np.asarray(gmm.sample(jax.random.key(99), 2000))
         prior.info["accuracy"] = {"against": "exact GMM log-density on 2000 fresh GMM draws", **log_prob_errors(prior, xt, np.asarray(gmm.log_prob(xt)))}
     else:
         analytic = AnalyticPrior()
         theta = np.asarray(analytic.sample(key, 1_000_000))
-        out = ROOT / "popflow" / "models" / "priors" / "analytic-diffusion"
+        out = Path(args.out) if args.out else ROOT / "popflow" / "models" / "priors" / "analytic-diffusion"
         steps = args.steps or 30_000
         t0 = time.time()
-        prior = load_prior(out) if args.evaluate else train_diffusion_prior(theta, DEFAULT_SPACE, steps=steps, width=args.width, batch_size=2048, out=out,
+        prior = load_prior(out).with_solver(**solver) if args.evaluate else train_diffusion_prior(theta, DEFAULT_SPACE, steps=steps, width=args.width, batch_size=args.batch_size or 2048, out=out,
                                       source=f"1e6 draws of AnalyticPrior() (id {analytic.id}, Prospector-alpha-like baseline), seed 0; "
-                                             "a sanity target with known density: no fitted population exists yet", solver=solver)
-        print(f"trained analytic-diffusion in {time.time() - t0:.0f} s: {prior.info['training']}")
+                                             "a sanity target with known density: no fitted population exists yet", **train_kw)
+        print(f"{'loaded' if args.evaluate else 'trained'} analytic-diffusion in {time.time() - t0:.0f} s: {prior.info['training']}")
         tt = analytic.sample(jax.random.key(99), 2000)
         from popflow.priors.base import clip_to_latent
 

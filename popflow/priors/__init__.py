@@ -6,7 +6,7 @@ Every prior has ``.space``, ``.id`` (content hash of its artifact), ``log_prob(t
 
 - :class:`AnalyticPrior` — the Prospector-alpha-like pop-cosmos baseline.
 - :class:`DiffusionPrior` — score-based diffusion model, exact probability-flow ODE log-density.
-- :class:`FlowPrior` — RealNVP flow distilled from another prior (the fast path).
+- :class:`FlowPrior` — small normalising flow distilled from another prior (the fast path).
 """
 
 from __future__ import annotations

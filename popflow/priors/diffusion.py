@@ -21,8 +21,9 @@ training of score-based diffusion models").
 Log-density: probability-flow ODE ``dz/dt = F = f z - g^2 s / 2`` integrated from
 t = eps to 1 jointly with the EXACT divergence (trace of the d x d Jacobian by
 forward-mode AD), ``log p(z_eps) = log N(z_1; 0, v(1)) + ∫ div F dt``. Solvers: fixed-step
-Heun or RK4 on a grid ``t_k = eps + (1 - eps) (k / N)^rho`` (pure ``lax.scan``), or
-adaptive diffrax Tsit5 / Dopri5. Everything is deterministic, jit-able and batched.
+Heun or RK4 on a grid ``t_k = eps + (1 - eps) (k / N)^rho`` (pure ``lax.scan``; rho = 2 crowds
+the steps near eps, where the score changes fastest: with the exact score of the 16-D test mixture
+Heun-16's error falls from 0.17 nats at rho = 1 to 0.03 at rho = 2), or adaptive diffrax Tsit5 / Dopri5. Everything is deterministic, jit-able and batched.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ from popflow.artifacts import flatten_tree
 from popflow.params import ParameterSpace
 from popflow.priors.base import LatentPrior, clip_to_latent, whitening_from_samples
 
-__all__ = ["SDE", "ScoreNet", "DiffusionPrior", "train_diffusion_prior", "FIXED_SOLVERS", "ADAPTIVE_SOLVERS"]
+__all__ = ["SDE", "ScoreNet", "DiffusionPrior", "train_diffusion_prior", "ode_log_prob", "FIXED_SOLVERS", "ADAPTIVE_SOLVERS"]
 
 FIXED_SOLVERS = ("heun", "rk4")
 ADAPTIVE_SOLVERS = {"tsit5": diffrax.Tsit5, "dopri5": diffrax.Dopri5}
@@ -152,25 +153,23 @@ def _fill(state, flat: dict, prefix: str):
 
 
 # --------------------------------------------------------------------------- ODE pieces
-def _drift_fn(graphdef, params, rest, sde: SDE):
-    """F(z, t) of the probability-flow ODE for ONE point z (dim,) and scalar t."""
+def _drift_fn(score, sde: SDE):
+    """F(z, t) = f(z, t) - g(t)^2 score(z, t) / 2 of the probability-flow ODE for ONE point z (dim,) and scalar t."""
 
     def drift(z, t):
-        net = nnx.merge(graphdef, params, rest)
-        score = -z / sde.var_total(t) - net(z, t)
-        return -0.5 * sde.beta(t) * z - 0.5 * sde.g2(t) * score
+        return -0.5 * sde.beta(t) * z - 0.5 * sde.g2(t) * score(z, t)
 
     return drift
 
 
 def _drift_and_div(drift):
-    """(z (B, dim), t) -> (F (B, dim), div F (B,)) with the exact Jacobian trace (dim forward-mode passes)."""
+    """(z (dim,), t) -> (F (dim,), div F ()) with the exact Jacobian trace (dim forward-mode passes)."""
 
     def one(z, t):
         jac, f = jax.jacfwd(lambda x: (drift(x, t),) * 2, has_aux=True)(z)
         return f, jnp.trace(jac)
 
-    return jax.vmap(one, in_axes=(0, None))
+    return one
 
 
 def time_grid(sde: SDE, n_steps: int, rho: float):
@@ -200,6 +199,43 @@ def _integrate_fixed(fn, y0, grid, method: str):
     return jax.lax.scan(step, y0, jnp.stack([grid[:-1], grid[1:]], axis=-1))[0]
 
 
+def _adaptive_solve(drift, sde: SDE, z0, solver: str, rtol: float, atol: float):
+    """diffrax solve of (z, log-det) from eps to 1 for ONE point z0 (dim,)."""
+    fd = _drift_and_div(drift)
+    return diffrax.diffeqsolve(
+        diffrax.ODETerm(lambda t, y, args: fd(y[0], t)), ADAPTIVE_SOLVERS[solver](), t0=sde.eps, t1=1.0, dt0=None,
+        y0=(z0, jnp.float32(0.0)), stepsize_controller=diffrax.PIDController(rtol=rtol, atol=atol),
+        saveat=diffrax.SaveAt(t1=True), max_steps=4096,
+    )
+
+
+def ode_log_prob(score, sde: SDE, z, *, solver: str = "heun", n_steps: int = 16, rho: float = 2.0, rtol: float = 1e-4,
+                 atol: float = 1e-5):
+    """log p(z) of the density whose noised scores are ``score``, by the probability-flow ODE with exact divergence.
+
+    ``score(z (dim,), t ()) -> (dim,)``; z (..., dim) float32 -> (...). ``log p(z) = log N(z_1; 0, v(1)) + ∫_eps^1 div F dt``:
+    the input is taken as the state at t = eps. Fixed-step ``heun``/``rk4`` on :func:`time_grid` (``n_steps``, ``rho``)
+    or adaptive diffrax ``tsit5``/``dopri5`` (``rtol``, ``atol``). Used by :class:`DiffusionPrior` with its network and by
+    the benchmarks with a target's exact score, which isolates the integrator's error from the network's.
+    """
+    z = jnp.asarray(z, jnp.float32)
+    batch, d = z.shape[:-1], z.shape[-1]
+    flat = z.reshape(-1, d)
+    drift = _drift_fn(score, sde)
+    if solver in FIXED_SOLVERS:
+        fd = jax.vmap(_drift_and_div(drift), in_axes=(0, None))
+        y0 = (flat, jnp.zeros(flat.shape[0], jnp.float32))
+        zT, delta = _integrate_fixed(lambda y, t: fd(y[0], t), y0, time_grid(sde, n_steps, rho), solver)
+    elif solver in ADAPTIVE_SOLVERS:
+        sol = jax.vmap(lambda x: _adaptive_solve(drift, sde, x, solver, rtol, atol))(flat)
+        zT, delta = sol.ys[0][:, 0], sol.ys[1][:, 0]
+    else:
+        raise ValueError(f"unknown ODE solver {solver!r}; choose from {FIXED_SOLVERS + tuple(ADAPTIVE_SOLVERS)}")
+    vT = sde.var_total(1.0)
+    log_pT = -0.5 * jnp.sum(zT**2, -1) / vT - 0.5 * d * jnp.log(2 * jnp.pi * vT)
+    return (log_pT + delta).reshape(batch)
+
+
 # --------------------------------------------------------------------------- the prior
 class DiffusionPrior(LatentPrior):
     """Score-based diffusion prior over the latent space of ``space`` (see module docstring).
@@ -213,7 +249,7 @@ class DiffusionPrior(LatentPrior):
     kind = "diffusion"
 
     def __init__(self, space: ParameterSpace, net: ScoreNet, sde: SDE, shift, whiten, *, net_config: dict,
-                 solver: str = "heun", n_steps: int = 16, rho: float = 1.0, rtol: float = 1e-4, atol: float = 1e-5,
+                 solver: str = "heun", n_steps: int = 16, rho: float = 2.0, rtol: float = 1e-4, atol: float = 1e-5,
                  info: dict | None = None):
         if solver not in FIXED_SOLVERS and solver not in ADAPTIVE_SOLVERS:
             raise ValueError(f"unknown ODE solver {solver!r}; choose from {FIXED_SOLVERS + tuple(ADAPTIVE_SOLVERS)}")
@@ -247,58 +283,31 @@ class DiffusionPrior(LatentPrior):
                               **{**self.solver, **changes}, info=self.info)
 
     # --- density in whitened coordinates -------------------------------------------------------
-    def _drift(self):
-        return _drift_fn(self._graphdef, self._params, self._rest, self.sde)
+    def _score(self):
+        """score(z (dim,), t ()) -> (dim,) of the noised whitened marginal: Gaussian skip minus the network remainder."""
+        graphdef, params, rest, sde = self._graphdef, self._params, self._rest, self.sde
+
+        def score(z, t):
+            return -z / sde.var_total(t) - nnx.merge(graphdef, params, rest)(z, t)
+
+        return score
 
     def _log_prob_white(self, z):
-        z = jnp.asarray(z, jnp.float32)
-        batch, d = z.shape[:-1], z.shape[-1]
-        flat = z.reshape(-1, d)
-        drift = self._drift()
-        sde, s = self.sde, self.solver
-        if s["solver"] in FIXED_SOLVERS:
-            fd = _drift_and_div(drift)
-
-            def fn(y, t):
-                f, div = fd(y[0], t)
-                return f, div
-
-            zT, delta = _integrate_fixed(fn, (flat, jnp.zeros(flat.shape[0], jnp.float32)), time_grid(sde, s["n_steps"], s["rho"]),
-                                         s["solver"])
-        else:
-            zT, delta = jax.vmap(lambda x: self._adaptive_one(drift, x))(flat)
-        vT = sde.var_total(1.0)
-        log_pT = -0.5 * jnp.sum(zT**2, -1) / vT - 0.5 * d * jnp.log(2 * jnp.pi * vT)
-        return (log_pT + delta).reshape(batch)
-
-    def _adaptive_solve(self, drift, z0):
-        s = self.solver
-
-        def vf(t, y, args):
-            jac, f = jax.jacfwd(lambda x: (drift(x, t),) * 2, has_aux=True)(y[0])
-            return f, jnp.trace(jac)
-
-        return diffrax.diffeqsolve(
-            diffrax.ODETerm(vf), ADAPTIVE_SOLVERS[s["solver"]](), t0=self.sde.eps, t1=1.0, dt0=None,
-            y0=(z0, jnp.float32(0.0)), stepsize_controller=diffrax.PIDController(rtol=s["rtol"], atol=s["atol"]),
-            saveat=diffrax.SaveAt(t1=True), max_steps=4096,
-        )
-
-    def _adaptive_one(self, drift, z0):
-        sol = self._adaptive_solve(drift, z0)
-        return sol.ys[0][0], sol.ys[1][0]
+        return ode_log_prob(self._score(), self.sde, z, **self.solver)
 
     def n_steps_taken(self, z) -> np.ndarray:
         """Steps the adaptive solver takes per point (diagnostic); z (n, dim) whitened -> (n,) int."""
-        drift = self._drift()
-        return np.asarray(jax.jit(jax.vmap(lambda z0: self._adaptive_solve(drift, z0).stats["num_steps"]))(jnp.asarray(z, jnp.float32)))
+        s = self.solver
+        drift = _drift_fn(self._score(), self.sde)
+        one = lambda z0: _adaptive_solve(drift, self.sde, z0, s["solver"], s["rtol"], s["atol"]).stats["num_steps"]  # noqa: E731
+        return np.asarray(jax.jit(jax.vmap(one))(jnp.asarray(z, jnp.float32)))
 
     # --- sampling ----------------------------------------------------------------------------
     def _sample_white(self, key, n: int, method: str = "ode", n_steps: int | None = None):
         sde, d = self.sde, self.space.dim
         zT = jax.random.normal(key, (n, d)) * jnp.sqrt(sde.var_total(1.0))
         if method == "ode":
-            drift = jax.vmap(self._drift(), in_axes=(0, None))
+            drift = jax.vmap(_drift_fn(self._score(), sde), in_axes=(0, None))
             grid = time_grid(sde, n_steps or 2 * self.solver["n_steps"], self.solver["rho"])[::-1]
             return _integrate_fixed(drift, zT, grid, "heun")
         if method == "sde":
@@ -376,6 +385,7 @@ def train_diffusion_prior(
     progress: bool = True,
     source: str = "",
     solver: dict | None = None,
+    init: DiffusionPrior | None = None,
 ) -> DiffusionPrior:
     """Train a diffusion prior on samples (n, dim): physical theta (default) or latent phi (``latent=True``).
 
@@ -383,6 +393,7 @@ def train_diffusion_prior(
     The held-out loss (the same DSM loss on ``val_fraction`` of the samples, fixed noise)
     is reported in the progress bar and stored in model.json with the training settings.
     With ``out``, the EMA model is saved there every ``checkpoint_every`` steps and at the end.
+    ``init``: continue from this prior's weights, whitening, SDE and architecture (fine-tuning; its id is recorded).
     """
     x = np.asarray(samples, np.float32)
     if x.ndim != 2 or x.shape[1] != space.dim:
@@ -396,12 +407,16 @@ def train_diffusion_prior(
     if len(phi) < 4 * n_val:
         raise ValueError(f"only {len(phi)} training samples: need at least {4 * n_val} (train + held-out)")
     val, train = phi[perm[:n_val]], phi[perm[n_val:]]
-    shift, whiten = whitening_from_samples(train)
+    if init is None:
+        shift, whiten = whitening_from_samples(train)
+        net_config = dict(width=width, depth=depth, n_freq=n_freq, freq_scale=freq_scale)
+        net = ScoreNet(space.dim, **net_config, rngs=nnx.Rngs(seed))
+    else:
+        if init.space != space:
+            raise ValueError(f"init prior {init.id} is over parameters {', '.join(init.space.names)}, not {', '.join(space.names)}")
+        shift, whiten, net_config, net, sde = init.shift, init.whiten, init.net_config, init.net, init.sde
     to_white = lambda a: ((a - shift) @ whiten.T).astype(np.float32)  # noqa: E731
     z_train, z_val = jnp.asarray(to_white(train)), jnp.asarray(to_white(val))
-
-    net_config = dict(width=width, depth=depth, n_freq=n_freq, freq_scale=freq_scale)
-    net = ScoreNet(space.dim, **net_config, rngs=nnx.Rngs(seed))
     graphdef, params, rest = _split(net)
     schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(1000, steps // 10), steps, learning_rate * 1e-2)
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.adam(schedule))
@@ -440,6 +455,7 @@ def train_diffusion_prior(
             "latent_input": bool(latent), "steps": int(done), "batch_size": batch_size, "learning_rate": learning_rate,
             "ema_decay": ema_decay, "t_sampling": t_sampling, "seed": seed, "train_loss": float(train_loss),
             "val_loss_initial": float(val0), "val_loss": float(vl), "seconds": round(seconds, 1),
+            **({"init": {"id": init.id, "training": init.info.get("training")}} if init is not None else {}),
         }}
         return DiffusionPrior(space, nnx.merge(graphdef, e, rest), sde, shift, whiten, net_config=net_config,
                               **(solver or {}), info=info)

@@ -44,6 +44,25 @@ class GaussianMixture:
         white = jnp.einsum("kij,...kj->...ki", self._prec_chol.astype(np.float32), diff)
         return logsumexp(self._log_norm.astype(np.float32) - 0.5 * jnp.sum(white**2, -1), axis=-1)
 
+    def affine(self, matrix, shift) -> "GaussianMixture":
+        """The mixture of ``matrix @ (x - shift)`` (e.g. a prior's whitening): matrix (dim, dim), shift (dim,)."""
+        a, c = np.asarray(matrix, np.float64), np.asarray(shift, np.float64)
+        return GaussianMixture(self.weights, (self.means - c) @ a.T, a @ self.covs @ a.T)
+
+    def noised_log_prob(self, x, alpha, std):
+        """Exact log-density of ``alpha X + std N(0, I)``, X from this mixture: the marginal of a linear diffusion SDE.
+
+        x (dim,) or (..., dim); alpha, std scalars (jax-traceable). Component k becomes N(alpha mu_k,
+        Q_k diag(alpha^2 lam_k + std^2) Q_k^T) with ``cov_k = Q_k diag(lam_k) Q_k^T``; ``jax.grad`` of this is the
+        exact score that a diffusion model's network approximates.
+        """
+        lam, q = np.linalg.eigh(self.covs)  # (k, d), (k, d, d)
+        x = jnp.asarray(x, jnp.float32)
+        var = alpha**2 * lam.astype(np.float32) + std**2  # (k, d)
+        proj = jnp.einsum("kji,...kj->...ki", q.astype(np.float32), x[..., None, :] - alpha * self.means.astype(np.float32))
+        comp = -0.5 * jnp.sum(proj**2 / var + jnp.log(2 * jnp.pi * var), -1) + np.log(self.weights).astype(np.float32)
+        return logsumexp(comp, axis=-1)
+
     def sample(self, key, n: int):
         """n draws, shape (n, dim) float32."""
         kc, kz = jax.random.split(key)
