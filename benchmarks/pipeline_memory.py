@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))
 def _settings():
     from popflow.fit import FitSettings
 
-    return FitSettings(n_walkers=28, n_burn=8, burn_stages=4, n_draws=4, thin=1, n_init=64)
+    return FitSettings(n_walkers=28, n_burn=8, burn_stages=4, n_draws=4, thin=1, init="top", n_init=64)
 
 
 def _peak_rss_mib() -> float:

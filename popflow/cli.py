@@ -102,14 +102,30 @@ def _cmd_fit(args) -> int:
     if args.refit_below_ess is not None:
         return _refit_below_ess(args)
     try:
-        fit_catalog(args.catalog, args.out, emulator=args.emulator, prior=args.prior,
+        datamodel = None if args.datamodel is None else _load_datamodel_arg(args.datamodel, args.catalog)
+        fit_catalog(args.catalog, args.out, emulator=args.emulator, prior=args.prior, datamodel=datamodel,
                     settings=FitSettings(**{k: v for k, v in given.items() if v is not None}), seed=args.seed,
                     chunk_size=args.chunk_size, limit=args.limit, scheduler=args.scheduler, workers=args.workers,
                     threads=args.threads, overwrite=args.overwrite, progress=not args.no_progress)
-    except (StoreLockedError, StoreMismatchError, FileNotFoundError) as err:
+    except (StoreLockedError, StoreMismatchError, FileNotFoundError, ValueError) as err:
         print(f"popflow fit: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _load_datamodel_arg(path, catalog):
+    """``--datamodel``: a data-model JSON, or a folder holding ``datamodel.json``; checked against the catalogue's filters."""
+    from pathlib import Path
+
+    from popflow.calibrate import load_datamodel
+    from popflow.catalog import open_catalog
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "datamodel.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"--datamodel: no data-model JSON at {path}")
+    return load_datamodel(path, filters=list(open_catalog(catalog).attrs["filters"]))
 
 
 def _refit_below_ess(args) -> int:
@@ -171,20 +187,26 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_calibrate(args) -> int:
+    from pathlib import Path
+
     from popflow.calibrate import calibrate_catalog, save_datamodel
 
     try:
         dm, meta = calibrate_catalog(args.catalog, emulator=args.emulator, prior=args.prior, z_var=args.truth,
-                                     z_min=args.z_min, max_galaxies=args.max_galaxies, seed=args.seed, n_iter=args.iterations)
+                                     z_min=args.z_min, max_galaxies=args.max_galaxies, seed=args.seed, method=args.method,
+                                     n_iter=args.iterations, emulator_floor=not args.no_emulator_floor)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"popflow calibrate: error: {err}", file=sys.stderr)
         return 2
-    save_datamodel(args.out, dm, meta)
+    out = Path(args.out)
+    if out.is_dir() or not out.suffix:
+        out = out / "datamodel.json"
+    save_datamodel(out, dm, meta)
     zp_mag = meta["calibration"]["zero_point_mag"]
     print("band  zero point [mag]  error floor")
     for b, z, f in zip(meta["bands"], zp_mag, dm.error_floor):
         print(f"{b:>4s}  {z:+16.4f}  {f:11.4f}")
-    print(f"wrote {args.out} (use it with: popflow fit ... --datamodel {args.out})")
+    print(f"wrote {out} (use it with: popflow fit ... --datamodel {out})")
     return 0
 
 
@@ -262,7 +284,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burn", type=int, default=None, help="burn-in steps")
     p.add_argument("--draws", type=int, default=None, help="draws kept per walker")
     p.add_argument("--thin", type=int, default=None, help="steps between kept draws")
-    p.add_argument("--init", default=None, help="walker initialisation: prior_top or prior_ball")
+    p.add_argument("--datamodel", default=None, metavar="DIR_OR_JSON",
+                   help="zero points and error floors from `popflow calibrate` (a JSON, or a folder with datamodel.json); "
+                        "default: unit zero points and the emulator's error floor")
+    p.add_argument("--init", default=None, help="walker initialisation: laplace or top (popflow.fit.INIT_STRATEGIES)")
     p.add_argument("--n-init", type=int, default=None, help="prior candidates for the initialisation")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store made with other inputs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -292,11 +317,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("catalog", help="catalogue store (.zarr) with a spectroscopic redshift variable")
     p.add_argument("--emulator", required=True, help="emulator (shipped name or artifact folder)")
     p.add_argument("--prior", default=None, help="prior (default: the analytic prior)")
-    p.add_argument("--out", required=True, help="data-model JSON to write")
+    p.add_argument("--out", required=True, help="data-model JSON to write (a folder or a name without suffix: DIR/datamodel.json)")
     p.add_argument("--truth", default="z_spec", help="catalogue variable with the spectroscopic redshift (default: z_spec)")
     p.add_argument("--z-min", type=float, default=0.01, help="use galaxies with redshift above this (default: 0.01)")
     p.add_argument("--max-galaxies", type=int, default=2000, help="seeded random subset size (default: 2000)")
-    p.add_argument("--iterations", type=int, default=3, help="fit / floor iterations (default: 3)")
+    p.add_argument("--method", choices=("median", "joint"), default="median",
+                   help="median: all parameters free at z_spec, zero points from the median residual per band (default); "
+                        "joint: zero points fitted jointly with a few SED directions")
+    p.add_argument("--iterations", type=int, default=None, help="fit / floor iterations (default: 2 for median, 3 for joint)")
+    p.add_argument("--no-emulator-floor", action="store_true", help="let the error floors go below the emulator's measured floor")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_cmd_calibrate)
 

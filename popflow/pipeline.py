@@ -171,51 +171,49 @@ def _worker_models(job: _Job):
 
 def _fit_chunk_task(job: _Job, index: int) -> dict:
     """Fit chunk ``index`` and write it; returns ``{"index", "n", "seconds", "skipped"}``."""
-    import xarray as xr
+    import zarr
 
     t0 = time.perf_counter()
     start, stop = job.chunk_bounds(index)
-    done = xr.open_zarr(job.store, consolidated=False, chunks=None)["chunk_done"]
-    if int(done[index]):
+    store = zarr.open_group(job.store, mode="r+")
+    if int(store["chunk_done"][index]):
         return {"index": index, "n": stop - start, "seconds": 0.0, "skipped": True}
     try:
-        _fit_and_write(job, index, start, stop)
+        _fit_and_write(job, store, index, start, stop)
     except Exception as err:
         raise RuntimeError(f"chunk {index} (galaxies {start}..{stop - 1} of {job.catalog}): "
                            f"{type(err).__name__}: {err}") from err
     return {"index": index, "n": stop - start, "seconds": time.perf_counter() - t0, "skipped": False}
 
 
-def _fit_and_write(job: _Job, index: int, start: int, stop: int) -> None:
-    import dask
-    import jax
-    import xarray as xr
+def _fit_and_write(job: _Job, store, index: int, start: int, stop: int) -> None:
+    """Fit galaxies ``start:stop`` and write them into the open Zarr group ``store``, the marker last.
 
-    from popflow.catalog import open_catalog
+    Reads and writes go through Zarr directly: the region is exactly one Zarr chunk of every
+    array, so there is nothing for xarray or dask to plan (per chunk they cost more than the
+    summaries).
+    """
+    import jax
+    import zarr
+
     from popflow.fit import fit_chunk
-    from popflow.summary import summarize, summary_dataset
+    from popflow.summary import summarize
 
     emulator, prior, datamodel, settings = _worker_models(job)
-    # computed here, in this thread: inside a worker dask would otherwise hand the read to the
-    # cluster and secede this task, letting the worker start its next chunk concurrently
-    with dask.config.set(scheduler="synchronous"):
-        cat = open_catalog(job.catalog).isel(galaxy=slice(start, stop)).compute()
-    field = np.asarray(cat["field"].values, np.int32) if job.use_field else None
+    cat = zarr.open_group(job.catalog, mode="r")
+    rows = slice(start, stop)
+    field = np.asarray(cat["field"][rows], np.int32) if job.use_field else None
     key = jax.random.fold_in(jax.random.PRNGKey(job.seed), index)
-    res = fit_chunk(key, cat["flux"].values, cat["flux_err"].values, cat["mask"].values, emulator=emulator,
+    res = fit_chunk(key, cat["flux"][rows], cat["flux_err"][rows], cat["mask"][rows], emulator=emulator,
                     prior=prior, datamodel=datamodel, settings=settings, field=field, pad_to=job.chunk_size)
     names = prior.space.names
-    groups = {
-        "posterior": xr.Dataset({n: (_DRAW_DIMS, res["samples"][..., i]) for i, n in enumerate(names)}),
-        "sample_stats": xr.Dataset({k: (_DRAW_DIMS if res[k].ndim == 3 else ("galaxy",), res[k]) for k in _STATS}),
-        "summary": summary_dataset(summarize(res["samples"], names)).drop_vars(["quantile", "z_grid"]),
-    }
-    region = {"galaxy": slice(start, stop)}
-    for group, ds in groups.items():
-        ds.to_zarr(job.store, group=group, region=region, mode="r+", consolidated=False)
+    out = {f"posterior/{n}": res["samples"][..., i] for i, n in enumerate(names)}
+    out.update({f"sample_stats/{k}": res[k] for k in _STATS})
+    out.update({f"summary/{k}": v for k, v in summarize(res["samples"], names).items()})
+    for path, values in out.items():
+        store[path][rows] = values
     # the marker last: a chunk counts as done only once all its data are on disk
-    xr.Dataset({"chunk_done": ("chunk", np.ones(1, np.int8))}).to_zarr(
-        job.store, region={"chunk": slice(index, index + 1)}, mode="r+", consolidated=False)
+    store["chunk_done"][index] = 1
 
 
 _DRAW_DIMS = ("galaxy", "chain", "draw")

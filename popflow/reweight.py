@@ -26,6 +26,8 @@ galaxy chunks with dask, lazily.
 from __future__ import annotations
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 
@@ -223,29 +225,51 @@ def _weights_core(log_prior_new, log_prior_old):
     return lw, kish_ess(lw), pareto_khat(lw)
 
 
-def _reweight_block(block, *, evaluator: PriorEvaluator, names, log_prior: str, pad_to: int):
-    """One galaxy chunk of :func:`reweight_dataset` (runs inside a dask task).
+def _reweight_arrays(theta, log_prior_old, *, evaluator: PriorEvaluator, names, pad_to: int) -> dict:
+    """One galaxy chunk: draws theta (galaxy, chain, draw, dim) physical and the stored log_prior
+    (galaxy, chain, draw) -> {name: array} for every variable of :func:`reweight_dataset`.
 
     The weights are computed on the chunk padded to ``pad_to`` galaxies, so that the last,
     shorter chunk does not compile the core again.
     """
-    import xarray as xr
-
-    theta = np.stack([block[n].values for n in names], axis=-1)  # (galaxy, chain, draw, dim)
     n_gal = theta.shape[0]
     pad = ((0, max(pad_to - n_gal, 0)), (0, 0), (0, 0))
-    lp_new, lp_old = (np.pad(a, pad) for a in (evaluator(theta), block[log_prior].values))
+    lp_new, lp_old = (np.pad(a, pad) for a in (evaluator(theta), np.asarray(log_prior_old, np.float32)))
     lw, ess, khat = (np.asarray(a)[:n_gal] for a in _weights_core(lp_new, lp_old))
-    out = {LOG_WEIGHT: (("galaxy", "chain", "draw"), lw), "ess": (("galaxy",), ess), "khat": (("galaxy",), khat)}
-    weighted = summary.summarize(theta, names, weights=np.exp(lw))
-    out.update({k: (_summary_dims(k), v) for k, v in weighted.items()})
+    return {LOG_WEIGHT: lw, "ess": ess, "khat": khat, **summary.summarize(theta, names, weights=np.exp(lw))}
+
+
+def _reweight_block(block, *, evaluator: PriorEvaluator, names, log_prior: str, pad_to: int):
+    """:func:`_reweight_arrays` on one galaxy chunk of :func:`reweight_dataset` (inside a dask task)."""
+    import xarray as xr
+
+    theta = np.stack([block[n].values for n in names], axis=-1)
+    out = _reweight_arrays(theta, block[log_prior].values, evaluator=evaluator, names=names, pad_to=pad_to)
     coords = {k: c for k, c in block.coords.items() if set(c.dims) <= {"galaxy", "chain", "draw"}}
     coords.update(quantile=summary.QUANTILES, z_grid=summary.Z_GRID.astype(np.float32))
-    return xr.Dataset(out, coords=coords)
+    return xr.Dataset({k: (_weight_dims(k), v) for k, v in out.items()}, coords=coords)
 
 
-def _summary_dims(name: str) -> tuple[str, ...]:
+def _weight_dims(name: str) -> tuple[str, ...]:
+    if name == LOG_WEIGHT:
+        return ("galaxy", "chain", "draw")
     return ("galaxy", "quantile") if name.endswith("_q") else ("galaxy", "z_grid") if name == "pz" else ("galaxy",)
+
+
+def _weights_template(n_gal: int, n_chain: int, n_draw: int, g_chunks, names):
+    """The variables of :func:`reweight_dataset` as uncomputed dask arrays (shapes, dtypes, chunks only)."""
+    import dask.array as da
+    import xarray as xr
+
+    sizes = {"galaxy": n_gal, "chain": n_chain, "draw": n_draw, "quantile": summary.QUANTILES.size,
+             "z_grid": summary.Z_GRID.size}
+    variables = [LOG_WEIGHT, "ess", "khat", *(f"{n}_q" for n in names), "pz", "z_median", "z_mode"]
+    data = {}
+    for v in variables:
+        dims = _weight_dims(v)
+        chunks = tuple(g_chunks if d == "galaxy" else sizes[d] for d in dims)
+        data[v] = (dims, da.empty(tuple(sizes[d] for d in dims), dtype=np.float32, chunks=chunks))
+    return xr.Dataset(data, coords={"quantile": summary.QUANTILES, "z_grid": summary.Z_GRID.astype(np.float32)})
 
 
 def reweight_dataset(posterior, log_prior_old, prior, *, names=None, block_size: int = 8192):
@@ -260,7 +284,6 @@ def reweight_dataset(posterior, log_prior_old, prior, *, names=None, block_size:
     summaries of :func:`popflow.summary.summarize` (``<name>_q`` (galaxy,
     quantile), ``pz`` (galaxy, z_grid), ``z_median``, ``z_mode``).
     """
-    import dask.array as da
     import xarray as xr
 
     names = tuple(prior.space.names if names is None else names)
@@ -274,18 +297,9 @@ def reweight_dataset(posterior, log_prior_old, prior, *, names=None, block_size:
         inputs = inputs.chunk({"galaxy": "auto"})
     g_chunks = inputs[log_prior].chunks[inputs[log_prior].dims.index("galaxy")]
     inputs = inputs.chunk({"galaxy": g_chunks, "chain": -1, "draw": -1})
-
-    base = inputs[log_prior].astype(np.float32)  # (galaxy, chain, draw) dask, the chunk layout of every output
-    per_galaxy = base.isel(chain=0, draw=0, drop=True)
-    template = {LOG_WEIGHT: base, "ess": per_galaxy, "khat": per_galaxy}
-    for name in names:
-        template[f"{name}_q"] = xr.DataArray(
-            da.empty((base.sizes["galaxy"], summary.QUANTILES.size), dtype=np.float32, chunks=(g_chunks, -1)),
-            dims=("galaxy", "quantile"))
-    template["pz"] = xr.DataArray(da.empty((base.sizes["galaxy"], summary.Z_GRID.size), dtype=np.float32, chunks=(g_chunks, -1)),
-                                  dims=("galaxy", "z_grid"))
-    template["z_median"] = template["z_mode"] = per_galaxy
-    template = xr.Dataset(template).assign_coords(quantile=summary.QUANTILES, z_grid=summary.Z_GRID.astype(np.float32))
+    lp = inputs[log_prior]
+    template = _weights_template(lp.sizes["galaxy"], lp.sizes["chain"], lp.sizes["draw"], g_chunks, names)
+    template = template.assign_coords({k: c for k, c in inputs.coords.items() if set(c.dims) <= {"galaxy", "chain", "draw"}})
     return xr.map_blocks(_reweight_block, inputs, template=template,
                          kwargs={"evaluator": PriorEvaluator(prior, block_size), "names": names, "log_prior": log_prior,
                                  "pad_to": int(max(g_chunks))})
@@ -362,77 +376,100 @@ def _weights_encoding(ds) -> dict:
     return enc
 
 
-def materialize_weights(path, prior, *, progress: bool = True, log=print) -> dict:
+def materialize_weights(path, prior, *, block_size: int = 8192, threads: int | None = None, progress: bool = True,
+                        log=print) -> dict:
     """Write ``/weights/<prior.id>`` into the posterior store at ``path``, chunk by chunk, resumably.
 
-    Each galaxy chunk of the store is reweighted (:func:`reweight_dataset`),
-    written as its region of the group and only then marked done in the
-    group's ``chunk_done`` (one Zarr chunk per marker); a re-run skips marked
-    chunks, so an interrupted run resumes where it stopped. The group's
-    attributes ``prior_id``, ``sampled_prior_id`` and ``complete`` are written
-    last. Holds the store's lock (:func:`popflow.pipeline.store_lock`), so it
-    never runs while ``popflow fit`` writes the same store. ``prior``: a prior
-    object. Returns ``{"group", "n_chunks", "chunks_done_now", "ess_median",
-    "frac_khat_ok", "seconds"}``.
+    Each galaxy chunk of the store (the Zarr chunks of ``/sample_stats/log_prior``) is read,
+    reweighted (:func:`_reweight_arrays`, the same function the lazy view maps over the chunks),
+    written as its region of the group and only then marked done in the group's ``chunk_done``
+    (one Zarr chunk per marker); a re-run skips marked chunks, so an interrupted run resumes
+    where it stopped. Chunks are read and written through Zarr directly: nothing is planned by
+    dask, so the cost is the reads, one prior evaluation per draw, the weighted summaries and
+    the writes. ``threads`` chunks (default: one per core) are processed at once (NumPy's
+    sorts, XLA and Zarr's codecs release the GIL), which also bounds the memory. The group's attributes ``prior_id``, ``sampled_prior_id`` and ``complete``
+    are written last. Holds the store's lock (:func:`popflow.pipeline.store_lock`), so it
+    never runs while ``popflow fit`` writes the same store. ``prior``: a prior object;
+    ``block_size``: draws per prior evaluation (:class:`PriorEvaluator`). Returns ``{"group",
+    "n_chunks", "chunks_done_now", "ess_median", "frac_khat_ok", "seconds"}``.
     """
     import time
 
-    import xarray as xr
     import zarr
     from tqdm.auto import tqdm
 
-    from popflow.pipeline import open_posterior, store_lock
+    from popflow.pipeline import store_lock
 
     path = Path(path)
     t0 = time.perf_counter()
     with store_lock(path):
-        dt = open_posterior(path)
-        sampled = dt.attrs.get("prior_id")
+        if not (path / "zarr.json").is_file():
+            raise FileNotFoundError(f"posterior store {path} does not exist (no zarr.json)")
+        root = zarr.open_group(path, mode="r+")
+        sampled = root.attrs.get("prior_id")
         if sampled is None:
             raise ValueError(f"{path}: no 'prior_id' attribute (an interrupted fit layout?); finish the fit first")
         if prior.id == sampled:
             raise ValueError(f"{path}: the draws were made under prior {prior.id} already; there is nothing to reweight")
-        if "chunk_done" in dt.data_vars and not bool(np.all(dt["chunk_done"].values)):
-            n_left = int(np.sum(dt["chunk_done"].values == 0))
+        if "chunk_done" in root and not bool(np.all(root["chunk_done"][:])):
+            n_left = int(np.sum(root["chunk_done"][:] == 0))
             raise ValueError(f"{path}: {n_left} fit chunk(s) are not done; finish the fit (re-run popflow fit) before reweighting")
-        posterior = dt["posterior"].to_dataset(inherit=False)
-        _check_space(prior, posterior, str(path))
-        weights = reweight_dataset(posterior, dt["sample_stats"]["log_prior"], prior)
-        g_chunks = weights[LOG_WEIGHT].chunks[0]
-        bounds = np.concatenate([[0], np.cumsum(g_chunks)])
+        if "posterior" not in root or "sample_stats/log_prior" not in root:
+            raise KeyError(f"{path}: no /posterior or /sample_stats/log_prior (not a popflow posterior store?)")
+        stored_names = sorted(k for k, _ in root["posterior"].arrays())
+        missing = [n for n in prior.space.names if n not in stored_names]
+        if missing:
+            raise ValueError(f"{path}: the new prior {prior.id} has parameter(s) {', '.join(missing)} that the posterior "
+                             f"store does not (it has {', '.join(stored_names)}); reweighting needs the same space")
+        names = tuple(prior.space.names)
+        log_prior = root["sample_stats/log_prior"]
+        n_gal, n_chain, n_draw = log_prior.shape
+        step = log_prior.chunks[0]
+        bounds = list(range(0, n_gal, step)) + [n_gal]
+        g_chunks = tuple(int(hi - lo) for lo, hi in zip(bounds[:-1], bounds[1:]))
         group = f"{WEIGHTS_GROUP}/{prior.id}"
-        identity = {"prior_id": prior.id, SAMPLED_PRIOR_ATTR: sampled, "galaxy_chunks": [int(c) for c in g_chunks]}
+        identity = {"prior_id": prior.id, SAMPLED_PRIOR_ATTR: sampled, "galaxy_chunks": list(g_chunks)}
 
-        root = zarr.open_group(path, mode="r+")
         existing = dict(root[group].attrs) if group in root else None
         if existing is not None and any(existing.get(k) != v for k, v in identity.items()):
             log(f"popflow: {path}/{group} was made for other draws or chunks ({existing.get(SAMPLED_PRIOR_ATTR)}); rebuilding it")
             existing = None
         if existing is None:
-            layout = weights.assign({CHUNK_DONE: ("chunk", np.zeros(len(g_chunks), np.int8))}).chunk({"chunk": 1})
+            layout = _weights_template(n_gal, n_chain, n_draw, g_chunks, names)
+            layout = layout.assign({CHUNK_DONE: ("chunk", np.zeros(len(g_chunks), np.int8))}).chunk({"chunk": 1})
             layout.to_zarr(path, group=group, mode="w", compute=False, consolidated=False,
                            encoding=_weights_encoding(layout))
             zarr.open_group(path, path=group, mode="r+").attrs.update({**identity, "complete": False})
-        done_array = zarr.open_array(path, path=f"{group}/{CHUNK_DONE}", mode="r+")
+        wgroup = zarr.open_group(path, path=group, mode="r+")
+        done_array = wgroup[CHUNK_DONE]
         todo = [i for i, d in enumerate(done_array[:]) if not d]
-        region_vars = [v for v in weights.data_vars if "galaxy" in weights[v].dims]
-        with tqdm(total=int(bounds[-1]), initial=int(bounds[-1] - sum(g_chunks[i] for i in todo)), unit="gal",
-                  desc="reweight", disable=not progress) as bar:
-            for i in todo:
-                region = slice(int(bounds[i]), int(bounds[i + 1]))
-                part = weights[region_vars].isel(galaxy=region).compute()
-                part = part.drop_vars([c for c in part.coords if "galaxy" not in part[c].dims])
-                part.to_zarr(path, group=group, region={"galaxy": region}, mode="r+", consolidated=False)
-                done_array[i] = 1  # the marker last: a chunk counts as done once its data are on disk
-                bar.update(region.stop - region.start)
-        zarr.open_group(path, path=group, mode="r+").attrs["complete"] = True
-        stored = xr.open_zarr(path, group=group, consolidated=False)
-        ess, khat = stored["ess"].values, stored["khat"].values
+        draws = [root[f"posterior/{n}"] for n in names]
+        evaluator = PriorEvaluator(prior, block_size)
+
+        def one_chunk(i: int) -> int:
+            rows = slice(bounds[i], bounds[i + 1])
+            theta = np.stack([a[rows] for a in draws], axis=-1)
+            out = _reweight_arrays(theta, log_prior[rows], evaluator=evaluator, names=names, pad_to=step)
+            for name, values in out.items():
+                wgroup[name][rows] = values
+            done_array[i] = 1  # the marker last: a chunk counts as done once its data are on disk
+            return rows.stop - rows.start
+
+        threads = max(1, min(threads or os.cpu_count() or 1, len(todo)))
+        with tqdm(total=n_gal, initial=n_gal - sum(g_chunks[i] for i in todo), unit="gal",
+                  desc="reweight", disable=not progress) as bar, ThreadPoolExecutor(threads) as pool:
+            if todo:  # the first chunk alone: it compiles the prior and the weights core once, not per thread
+                bar.update(one_chunk(todo[0]))
+            for n_done in pool.map(one_chunk, todo[1:]):  # at most `threads` chunks in memory at once
+                bar.update(n_done)
+        wgroup.attrs["complete"] = True
+        ess, khat = wgroup["ess"][:], wgroup["khat"][:]
     if todo:
         log(f"popflow: reweighted {int(sum(g_chunks[i] for i in todo))} galaxies to prior {prior.id} into {path}/{group}")
+    ok = np.isfinite(ess)
     return {"group": group, "n_chunks": len(g_chunks), "chunks_done_now": len(todo),
-            "ess_median": float(np.nanmedian(ess)) if np.isfinite(ess).any() else float("nan"),
-            "frac_khat_ok": float(np.mean(khat[np.isfinite(ess)] <= KHAT_THRESHOLD)) if np.isfinite(ess).any() else float("nan"),
+            "ess_median": float(np.median(ess[ok])) if ok.any() else float("nan"),
+            "frac_khat_ok": float(np.mean(khat[ok] <= KHAT_THRESHOLD)) if ok.any() else float("nan"),
             "seconds": time.perf_counter() - t0}
 
 

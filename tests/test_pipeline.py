@@ -1,11 +1,14 @@
 """The bulk-fit pipeline: store layout, resume after kill -9, worker loss, external scheduler, lock, bad input.
 
 Every run uses the toy emulator and uniform prior of tests/toymodel.py and tiny
-sampler settings, so a chunk fits in a fraction of a second; most of the cost
-is starting worker processes (the persistent JAX compilation cache in a shared
-temporary folder saves recompiling the kernel in each new process). Stores are
-compared array by array against one uninterrupted reference run; all runs use
-one XLA thread per worker so the compiled code, and hence every bit, is the same.
+sampler settings, so a chunk fits in a fraction of a second; the cost is starting
+processes and loading the compiled kernel in each (the persistent JAX compilation
+cache in a shared temporary folder saves recompiling it). To start few processes,
+one external cluster (`dask scheduler` + 2 `dask worker` over TCP) serves every
+in-process run, and only the kill-and-resume test starts `popflow fit` with its own
+LocalCluster. Stores are compared array by array against one uninterrupted
+reference run; all runs use one XLA thread per worker so the compiled code, and
+hence every bit, is the same.
 """
 
 import os
@@ -28,8 +31,9 @@ from popflow.pipeline import (StoreLockedError, StoreMismatchError, fit_catalog,
 from tests.toymodel import ToyEmulator, UniformPrior
 
 REPO = Path(__file__).resolve().parents[1]
-SETTINGS = FitSettings(n_walkers=28, n_burn=20, n_draws=8, thin=2, n_init=256)
-SETTINGS_ARGS = ["--walkers", "28", "--burn", "20", "--draws", "8", "--thin", "2", "--n-init", "256"]
+# "top" initialisation: the cheapest kernel to compile (compiling it is most of this file's cost)
+SETTINGS = FitSettings(n_walkers=28, n_burn=20, n_draws=8, thin=2, init="top", n_init=256)
+SETTINGS_ARGS = ["--walkers", "28", "--burn", "20", "--draws", "8", "--thin", "2", "--init", "top", "--n-init", "256"]
 TOY_ARGS = ["--emulator", "tests.toymodel:ToyEmulator", "--prior", "tests.toymodel:UniformPrior"]
 N_GAL, CHUNK = 96, 8  # 12 chunks: a kill after the first marker lands mid-run
 SEED = 7
@@ -55,23 +59,61 @@ def catalog(tmp_path_factory):
                   progress=False)
 
 
-@pytest.fixture(scope="module")
-def client(env, monkeypatch_module):
-    """A module-wide LocalCluster: 1 worker, 1 XLA thread (the kernel compiles once for all in-process runs)."""
-    from distributed import Client, LocalCluster
+class ExternalCluster:
+    """`dask scheduler` + `dask worker` processes (no nanny: a killed worker stays dead) over TCP on localhost."""
 
-    for k in ("JAX_COMPILATION_CACHE_DIR", "PYTHONPATH"):
-        monkeypatch_module.setenv(k, env[k])
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, env=worker_env(1),
-                      dashboard_address=":0") as cluster, Client(cluster) as c:
+    def __init__(self, env, folder):
+        self.env, self.sched_file = env, folder / "scheduler.json"
+        self.procs, self.workers = [], []
+        self.procs.append(subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", "0",
+             "--dashboard-address", ":0", "--scheduler-file", str(self.sched_file)],
+            env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        t0 = time.monotonic()
+        while not self.sched_file.exists():
+            assert time.monotonic() - t0 < 60, "dask scheduler did not start"
+            time.sleep(0.1)
+        self.address = self.add_worker()
+
+    def add_worker(self) -> str:
+        """Start one more worker (1 thread) and wait for it; returns the scheduler address."""
+        from distributed import Client
+
+        w = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
+                              str(self.sched_file), "--nthreads", "1", "--no-nanny", "--name", f"w{len(self.workers)}"],
+                             env=self.env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.procs.append(w)
+        self.workers.append(w)
+        with Client(scheduler_file=str(self.sched_file)) as c:
+            c.wait_for_workers(len(self.workers), timeout=120)
+            return c.scheduler.address
+
+    def close(self):
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+
+@pytest.fixture(scope="module")
+def external_cluster(env, tmp_path_factory):
+    """An external cluster, one worker at first; :func:`reference` adds the second once the kernel is compiled.
+
+    The worker-loss test, which kills a worker, is the last in this file.
+    """
+    cluster = ExternalCluster(env, tmp_path_factory.mktemp("scheduler"))
+    try:
+        yield cluster
+    finally:
+        cluster.close()
+
+
+@pytest.fixture(scope="module")
+def client(external_cluster):
+    """A client of the external cluster, for the in-process runs."""
+    from distributed import Client
+
+    with Client(external_cluster.address) as c:
         yield c
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 def _fit(catalog, out, client, **kw):
@@ -81,11 +123,17 @@ def _fit(catalog, out, client, **kw):
 
 
 @pytest.fixture(scope="module")
-def reference(catalog, client, tmp_path_factory):
-    """An uninterrupted run: the store every other run must reproduce."""
+def reference(catalog, client, external_cluster, tmp_path_factory):
+    """An uninterrupted run: the store every other run must reproduce.
+
+    It runs on the cluster's single worker, which compiles the kernel into the shared cache; the
+    second worker starts only then and loads it (two workers compiling at once would double the
+    most expensive step of this file on 2 cores).
+    """
     out = tmp_path_factory.mktemp("ref") / "post.zarr"
     stats = _fit(catalog, out, client)
     assert stats["chunks_fitted"] == N_GAL // CHUNK
+    external_cluster.add_worker()
     return out
 
 
@@ -167,7 +215,7 @@ def test_changed_inputs_refused(reference, catalog, client):
         _fit(catalog, reference, client, seed=8)
     with pytest.raises(StoreMismatchError, match="settings"):
         fit_catalog(catalog, reference, emulator=ToyEmulator(), prior=UniformPrior(),
-                    settings=FitSettings(n_walkers=30, n_burn=20, n_draws=8, thin=2, n_init=256), seed=SEED,
+                    settings=FitSettings(n_walkers=30, n_burn=20, n_draws=8, thin=2, init="top", n_init=256), seed=SEED,
                     chunk_size=CHUNK, client=client, progress=False, log=lambda *a: None)
     assert_same_store(reference, reference)  # the refusals left it readable
 
@@ -195,12 +243,14 @@ def test_kill_and_resume_equals_uninterrupted(reference, catalog, env, tmp_path)
 
 # ----------------------------------------------------------------------------- lock
 
-def test_second_run_refused_while_locked(reference, catalog, env):
-    with store_lock(reference):  # this (live) process holds the lock
-        proc = _cli(["fit", str(catalog), "--out", str(reference), "--no-progress", *TOY_ARGS], env)
-        log, _ = proc.communicate(timeout=120)
-        assert proc.returncode == 2, log
-        assert "is being written by pid" in log and str(os.getpid()) in log
+def test_second_run_refused_while_locked(reference, catalog, capsys):
+    from popflow.cli import main
+
+    with store_lock(reference):  # this (live) process holds the lock: a second `popflow fit` must not start
+        code = main(["fit", str(catalog), "--out", str(reference), "--no-progress", *TOY_ARGS])
+        assert code == 2
+        err = capsys.readouterr().err
+        assert "is being written by pid" in err and str(os.getpid()) in err
         with pytest.raises(StoreLockedError):
             _fit(catalog, reference, client=None)
 
@@ -214,79 +264,6 @@ def test_stale_lock_is_cleared(reference, catalog, capsys):
     assert stats["chunks_skipped"] == N_GAL // CHUNK
     assert "clearing stale lock" in capsys.readouterr().err
     assert not lock.exists()
-
-
-# ----------------------------------------------------------------------------- external scheduler, worker loss
-
-@pytest.fixture(scope="module")
-def external_cluster(env, tmp_path_factory):
-    """`dask scheduler` + 2 `dask worker` processes (no nanny: a killed worker stays dead) over TCP on localhost.
-
-    Shared by the two tests below to start the processes once; the worker-loss test, which kills a
-    worker, comes last.
-    """
-    sched_file = tmp_path_factory.mktemp("scheduler") / "scheduler.json"
-    procs = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                               "--port", "0", "--dashboard-address", ":0", "--scheduler-file", str(sched_file)],
-                              env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    t0 = time.monotonic()
-    while not sched_file.exists():
-        assert time.monotonic() - t0 < 60, "dask scheduler did not start"
-        time.sleep(0.1)
-    workers = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", "--scheduler-file",
-                                 str(sched_file), "--nthreads", "1", "--no-nanny", "--name", f"w{i}"],
-                                env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-               for i in range(2)]
-    procs += workers
-    from distributed import Client
-
-    with Client(scheduler_file=str(sched_file)) as c:
-        c.wait_for_workers(2, timeout=120)
-        address = c.scheduler.address
-    try:
-        yield address, workers
-    finally:
-        for p in procs:
-            p.kill()
-            p.wait()
-
-
-def test_cli_against_external_scheduler(reference, catalog, env, external_cluster, tmp_path):
-    address, _ = external_cluster
-    assert address.startswith("tcp://127.0.0.1:")
-    out = tmp_path / "post.zarr"
-    proc = _cli(["fit", str(catalog), "--out", str(out), "--seed", str(SEED), "--chunk-size", str(CHUNK),
-                 "--scheduler", address, "--no-progress", *TOY_ARGS, *SETTINGS_ARGS], env)
-    log, _ = proc.communicate(timeout=300)
-    assert proc.returncode == 0, log
-    assert f"connecting to scheduler {address}" in log and "dashboard" in log
-    assert_same_store(reference, out)
-
-
-def test_worker_loss_mid_run(reference, catalog, external_cluster, tmp_path):
-    address, workers = external_cluster
-    out = tmp_path / "post.zarr"
-    result = {}
-    import threading
-
-    def run():
-        result["stats"] = _fit(catalog, out, client=None, scheduler=address)
-
-    t = threading.Thread(target=run)
-    t.start()
-    t0 = time.monotonic()
-    while _done(out).sum() < 1:
-        assert time.monotonic() - t0 < 240 and t.is_alive(), "no chunk finished"
-        time.sleep(0.02)
-    workers[0].kill()  # SIGKILL one of the two workers while chunks are in flight
-    n_done_at_kill = int(_done(out).sum())
-    t.join(timeout=300)
-    assert n_done_at_kill < N_GAL // CHUNK, "the worker was killed after the run ended"
-    stats = result["stats"]
-    # every chunk written exactly once by a completed task (a task re-run after the loss finds no marker
-    # and writes; one whose marker exists is skipped), and the store is the uninterrupted one
-    assert stats["chunks_fitted"] + stats["chunks_skipped"] == N_GAL // CHUNK
-    assert_same_store(reference, out)
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -310,3 +287,44 @@ def test_unusable_galaxies_are_flagged(client, tmp_path):
     s = tree["summary"]
     assert np.isnan(s["z_median"].values[bad]).all() and np.isfinite(np.delete(s["z_median"].values, bad)).all()
     assert np.isnan(s["pz"].values[bad]).all()
+
+
+# ----------------------------------------------------------------------------- external scheduler, worker loss
+
+def test_cli_against_external_scheduler(reference, catalog, env, external_cluster, tmp_path):
+    address = external_cluster.address
+    assert address.startswith("tcp://127.0.0.1:")
+    out = tmp_path / "post.zarr"
+    proc = _cli(["fit", str(catalog), "--out", str(out), "--seed", str(SEED), "--chunk-size", str(CHUNK),
+                 "--scheduler", address, "--no-progress", *TOY_ARGS, *SETTINGS_ARGS], env)
+    log, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, log
+    assert f"connecting to scheduler {address}" in log and "dashboard" in log
+    assert_same_store(reference, out)
+
+
+def test_worker_loss_mid_run(reference, catalog, external_cluster, tmp_path):  # last: it kills a worker
+    address, workers = external_cluster.address, external_cluster.workers
+    assert len(workers) == 2
+    out = tmp_path / "post.zarr"
+    result = {}
+    import threading
+
+    def run():
+        result["stats"] = _fit(catalog, out, client=None, scheduler=address)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t0 = time.monotonic()
+    while _done(out).sum() < 1:
+        assert time.monotonic() - t0 < 240 and t.is_alive(), "no chunk finished"
+        time.sleep(0.02)
+    workers[0].kill()  # SIGKILL one of the two workers while chunks are in flight
+    n_done_at_kill = int(_done(out).sum())
+    t.join(timeout=300)
+    assert n_done_at_kill < N_GAL // CHUNK, "the worker was killed after the run ended"
+    stats = result["stats"]
+    # every chunk written exactly once by a completed task (a task re-run after the loss finds no marker
+    # and writes; one whose marker exists is skipped), and the store is the uninterrupted one
+    assert stats["chunks_fitted"] + stats["chunks_skipped"] == N_GAL // CHUNK
+    assert_same_store(reference, out)
