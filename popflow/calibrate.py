@@ -1,27 +1,34 @@
 """Data-model calibration on a spectroscopic subset: per-band zero points and error floors.
 
-With the redshift of each galaxy fixed to its spectroscopic value, a few SED
-directions per galaxy (mass, metallicity, dust, a tied SFH slope:
-:data:`CALIBRATION_GROUPS`, like a template fit) and one set of per-band
-multiplicative zero points shared by all galaxies are fitted jointly (maximum a
-posteriori under the emulator, the prior and a robust Student-t likelihood), as
-COSMOS (Ilbert et al. 2006, 2009: offsets of the best-fit templates at z_spec)
-and pop-cosmos (Alsing et al. 2024: zero points calibrated on the spectroscopic
-sample) do. The overall scale of the zero points is degenerate with stellar mass
-(the mass scaling is exact), so they are normalised to a geometric mean of 1; a
-Gaussian prior (0.1 mag) keeps directions the data cannot constrain near 0. The
-median observed / model flux ratio left per band (:func:`zero_point_update`, over
-S/N >= snr_min detections) is reported as a check.
+With the redshift of each galaxy fixed to its spectroscopic value, the galaxies'
+SED parameters are fitted (maximum a posteriori under the emulator, the prior and
+a robust Student-t likelihood) and per-band multiplicative zero points shared by
+all galaxies are measured, as COSMOS (Ilbert et al. 2006, 2009: offsets of the
+best-fit templates at z_spec) and pop-cosmos (Alsing et al. 2024: zero points
+calibrated on the spectroscopic sample) do. Two methods (:func:`calibrate`):
+
+- ``"median"`` (default): every parameter but the redshift free, zero points fixed
+  during the fit, then multiplied by the median observed / model flux ratio per
+  band (:func:`zero_point_update`, S/N >= snr_min detections), a few times;
+- ``"joint"``: a few SED directions per galaxy (:data:`CALIBRATION_GROUPS`) and the
+  zero points optimised together, with a Gaussian prior (0.1 mag) on the offsets.
+
+The overall scale of the zero points is degenerate with stellar mass (the mass
+scaling is exact), so they are normalised to a geometric mean of 1.
 
 The fractional error floor of band b is the value that makes the robust scatter
 (1.4826 x median absolute deviation) of the normalised residuals
-(f - zp F) / sqrt(s^2 + (floor F)^2) equal to one, never below the emulator's
-measured floor. Best-fit residuals are under-dispersed (the fit absorbs part of the
-noise), so each galaxy's residuals are scaled by sqrt(n_bands / (n_bands - n_free)).
+(f - zp F) / sqrt(s^2 + (floor F)^2) equal to one, by default never below the
+emulator's measured floor. Best-fit residuals with few free directions are
+under-dispersed (the fit absorbs part of the noise), so for ``"joint"`` each
+galaxy's residuals are scaled by sqrt(n_bands / (n_bands - n_free)).
 
-Functional core: :func:`fit_fixed_z`, :func:`zero_point_update`, :func:`error_floor`
-are pure array functions; :func:`calibrate` iterates them; :func:`calibrate_catalog`,
-:func:`save_datamodel` and :func:`load_datamodel` are the shell.
+A redshift prior n(z) from the same spectroscopic redshifts (:func:`nz_from_redshifts`)
+feeds ``AnalyticPrior(nz=...)``.
+
+Functional core: :func:`fit_fixed_z`, :func:`zero_point_update`, :func:`error_floor`,
+:func:`nz_from_redshifts` are pure array functions; :func:`calibrate` iterates them;
+:func:`calibrate_catalog`, :func:`save_datamodel` and :func:`load_datamodel` are the shell.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ import optax
 from popflow.datamodel import LOG_FLOOR_PER_MAG, DataModel
 from popflow.fit import mag_to_njy
 
-__all__ = ["CALIBRATION_GROUPS", "prior_median", "fit_fixed_z", "zero_point_update", "error_floor", "calibrate", "calibrate_catalog", "save_datamodel", "load_datamodel"]
+__all__ = ["nz_from_redshifts", "CALIBRATION_GROUPS", "CALIBRATION_METHODS", "free_all", "prior_median", "fit_fixed_z", "zero_point_update", "error_floor", "calibrate", "calibrate_catalog", "save_datamodel", "load_datamodel"]
 
 NMAD_SCALE = 1.4826
 _U_TINY = 1e-6
@@ -240,21 +247,42 @@ def error_floor(flux, flux_err, mask, model_flux, zero_points, *, n_free: int = 
     return floor, nmad0
 
 
-def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataModel | None = None,
-              n_iter: int = 3, tol: float = 0.002, snr_min: float = 5.0, robust_nu: float | None = 4.0,
-              fit_kwargs: dict | None = None, log=None):
+def free_all(space) -> tuple:
+    """Calibration groups that free every parameter but the redshift, one group each."""
+    return tuple((n,) for n in space.names if n != "redshift")
+
+
+CALIBRATION_METHODS = ("median", "joint")
+
+
+def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataModel | None = None, method: str = "median",
+              n_iter: int | None = None, tol: float = 0.002, snr_min: float = 5.0, robust_nu: float | None = 4.0,
+              emulator_floor: bool = True, fit_kwargs: dict | None = None, log=None):
     """Zero points and error floors from a spectroscopic subset (module docstring).
 
     Inputs as :func:`fit_fixed_z`. ``base``: the starting data model (default the
     emulator's floor, unit zero points); its Student-t setting is what the result keeps.
-    Each iteration fits zero points and galaxies jointly at the current floors (with a
-    Student-t likelihood of ``robust_nu`` degrees of freedom, so that a few galaxies with
-    bad photometry or missing physics do not pull the zero points; None: Gaussian), then
-    re-measures the floors from the residuals. Stops after ``n_iter`` iterations or when no
-    zero point moved by more than ``tol`` (fractional).
-    Returns (DataModel, report: zero points in mag, per-iteration values, per-band counts,
-    residual scatter and the median observed/model ratio left per band).
+    Every iteration fits the galaxies at z_spec with a Student-t likelihood of ``robust_nu``
+    degrees of freedom (a few galaxies with bad photometry or missing physics do not pull
+    the zero points; None: Gaussian), then re-measures the floors from the residuals.
+
+    ``method="median"`` (default; Ilbert et al. 2006, 2009): every parameter but the redshift is
+    free (:func:`free_all`), the zero points stay fixed during the fit and are then multiplied by
+    the median observed / model ratio of each band (:func:`zero_point_update`); ``n_iter``
+    default 2. A colour tilt shared by all bands is nearly degenerate with the population's
+    dust and SFH, so the joint optimum drifts along it; a few median steps stay close to the
+    smallest offsets that explain the residuals (on zCOSMOS-bright the joint fit with four free
+    directions moved u and J by -0.5 and +0.6 mag, the median steps by +0.03 and +0.22; see
+    BENCHMARKS.md). Floors use ``n_free=0`` (the prior holds most of the 13 directions).
+    ``method="joint"``: zero points and :data:`CALIBRATION_GROUPS` fitted jointly
+    (:func:`fit_fixed_z`); ``n_iter`` default 3.
+    Stops after ``n_iter`` iterations or when no zero point moved by more than ``tol``
+    (fractional). ``emulator_floor``: floors never go below the emulator's measured one.
+    Returns (DataModel, report: method, zero points in mag, per-iteration values, per-band
+    counts, residual scatter and the median observed/model ratio left per band).
     """
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibrate: method={method!r}; choose one of {', '.join(CALIBRATION_METHODS)}")
     n_band = len(emulator.bands)
     base = base if base is not None else DataModel.from_emulator(emulator)
     if base.n_fields is not None:
@@ -270,19 +298,31 @@ def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataM
         raise ValueError(f"calibrate: {int(np.sum(~np.isfinite(z_spec)))} galaxies have no finite z_spec; select the spectroscopic subset first")
     zp = np.asarray(base.zero_points, np.float64)
     zp = zp / math.exp(float(np.mean(np.log(zp))))
-    floor = np.maximum(np.asarray(base.error_floor, np.float64), emu_floor)
+    minimum = emu_floor if emulator_floor else None
+    floor = np.asarray(base.error_floor, np.float64) if minimum is None else np.maximum(np.asarray(base.error_floor, np.float64), minimum)
     history = []
     fit_kwargs = dict(fit_kwargs or {})
     if "reference" not in fit_kwargs:
         fit_kwargs["reference"] = prior_median(jax.random.fold_in(key, 10_000), prior)
+    if method == "median":
+        fit_kwargs.setdefault("groups", free_all(emulator.space))
+        fit_kwargs["fit_zero_points"] = False
+        n_free = 0
+    else:
+        fit_kwargs.setdefault("groups", CALIBRATION_GROUPS)
+        n_free = len(fit_kwargs["groups"])
+    n_iter = (2 if method == "median" else 3) if n_iter is None else n_iter
     for it in range(n_iter):
         dm = DataModel(zp, floor, robust_nu)
         _, model, lp, new_zp = fit_fixed_z(jax.random.fold_in(key, it), flux, flux_err, mask, z_spec,
                                            emulator=emulator, prior=prior, datamodel=dm, **fit_kwargs)
+        if method == "median":
+            ratio, _ = zero_point_update(flux, flux_err, mask, model, zp, snr_min=snr_min)
+            new_zp = zp * ratio
+            new_zp = new_zp / math.exp(float(np.mean(np.log(new_zp))))
         change = new_zp / zp
         zp = new_zp
-        n_free = len(fit_kwargs.get("groups", CALIBRATION_GROUPS))
-        floor, nmad0 = error_floor(flux, flux_err, mask, model, zp, n_free=n_free, minimum=emu_floor)
+        floor, nmad0 = error_floor(flux, flux_err, mask, model, zp, n_free=n_free, minimum=minimum)
         ratio, n_used = zero_point_update(flux, flux_err, mask, model, zp, snr_min=snr_min)
         history.append({"iteration": it, "zero_points": zp.tolist(), "error_floor": floor.tolist(),
                         "residual_median_ratio": ratio.tolist(), "median_log_post": float(np.median(lp))})
@@ -292,6 +332,7 @@ def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataM
         if np.all(np.abs(change - 1.0) < tol):
             break
     report = {
+        "method": method,
         "n_galaxies": int(flux.shape[0]),
         "n_used_snr_min": n_used.tolist(),
         "snr_min": snr_min,
@@ -299,14 +340,16 @@ def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataM
         "residual_median_ratio": ratio.tolist(),
         "zero_point_mag": (-2.5 * np.log10(zp)).tolist(),
         "robust_nu": robust_nu,
-        "groups": [list(g) for g in fit_kwargs.get("groups", CALIBRATION_GROUPS)],
+        "emulator_floor": emulator_floor,
+        "groups": [list(g) for g in fit_kwargs["groups"]],
         "iterations": history,
     }
     return DataModel(zp, floor, base.student_t_nu), report
 
 
 def calibrate_catalog(catalog, *, emulator, prior=None, z_var: str = "z_spec", z_min: float = 0.01, max_galaxies: int | None = 2000,
-                      seed: int = 0, n_iter: int = 3, snr_min: float = 5.0, log=print):
+                      seed: int = 0, method: str = "median", n_iter: int | None = None, snr_min: float = 5.0,
+                      emulator_floor: bool = True, log=print):
     """Calibrate on the galaxies of a catalogue store that have ``z_var`` > ``z_min``.
 
     ``emulator`` / ``prior``: objects or specs accepted by :func:`popflow.pipeline.load_model`
@@ -339,7 +382,7 @@ def calibrate_catalog(catalog, *, emulator, prior=None, z_var: str = "z_spec", z
     flux, err, mask = (np.asarray(sub[v].values) for v in ("flux", "flux_err", "mask"))
     log(f"calibrate: {rows.size} galaxies with {z_var} from {catalog}, bands {', '.join(ds.attrs['bands'])}")
     dm, report = calibrate(jax.random.PRNGKey(seed), flux, err, mask, z[rows], emulator=emulator, prior=prior,
-                           n_iter=n_iter, snr_min=snr_min, log=log)
+                           method=method, n_iter=n_iter, snr_min=snr_min, emulator_floor=emulator_floor, log=log)
     meta = {
         "bands": list(ds.attrs["bands"]),
         "filters": filters,
@@ -363,6 +406,31 @@ def save_datamodel(path, datamodel: DataModel, meta: dict | None = None) -> Path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(out, indent=1))
     return path
+
+
+def nz_from_redshifts(z, *, z_max: float = 6.0, dz: float = 0.01, bandwidth: float = 0.03, floor: float = 0.01):
+    """A smooth redshift prior n(z) from known redshifts (a training part's z_spec), for ``AnalyticPrior(nz=...)``.
+
+    A Gaussian kernel density with a width ``bandwidth * (1 + z)`` (the photo-z error scale, so the
+    tails are not sharper than the data can tell), mixed with a uniform density of weight ``floor``
+    over [0, z_max] so that no redshift is excluded outright. z (n,) finite redshifts. Returns
+    (grid (m,), density (m,)) on [0, z_max] with step ``dz``, normalised to unit integral.
+    """
+    z = np.asarray(z, np.float64)
+    z = z[np.isfinite(z)]
+    if z.size < 10:
+        raise ValueError(f"nz_from_redshifts: need at least 10 finite redshifts, got {z.size}")
+    if not 0.0 <= floor < 1.0:
+        raise ValueError(f"nz_from_redshifts: floor must lie in [0, 1), got {floor}")
+    grid = np.arange(0.0, z_max + 0.5 * dz, dz)
+    width = bandwidth * (1.0 + z)
+    dens = np.zeros_like(grid)
+    for start in range(0, z.size, 4096):  # bounded memory: (4096, m) at a time
+        zc, wc = z[start:start + 4096, None], width[start:start + 4096, None]
+        dens += np.sum(np.exp(-0.5 * ((grid - zc) / wc) ** 2) / wc, axis=0)
+    dens /= np.trapezoid(dens, grid)
+    dens = (1.0 - floor) * dens + floor / z_max
+    return grid, dens / np.trapezoid(dens, grid)
 
 
 def load_datamodel(path, filters=None) -> DataModel:
