@@ -1,0 +1,220 @@
+"""Training of the spectral emulator (design b of issue 7) on a spectra store.
+
+:func:`fit_pca` builds the continuum basis; :func:`train_spectral` fits the two
+Speculator MLPs (continuum PCA coefficients, line log-luminosities) jointly with
+optax Adam (warm-up + cosine decay) on the summed mean squared error in dex:
+``mean_k (log10 L_k - pred)^2`` over the continuum pixels (= the squared PCA
+coefficient error / n_pix, the basis being orthonormal) plus the same over the
+lines. Every ``checkpoint_every`` seconds it writes ``checkpoint.npz`` and a line of
+``train.log``; ``resume=True`` continues a stopped run.
+
+    python -m popflow.emulator.train_spectral STORE.zarr --out DIR [--steps N] [--n-pca K] [--resume]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from popflow.emulator.network import features, init_mlp, mlp_apply
+from popflow.emulator.spectral import SpectralEmulator
+from popflow.params import DEFAULT_SPACE
+
+__all__ = ["SpectralConfig", "fit_pca", "train_spectral", "load_run"]
+
+CHECKPOINT = "checkpoint.npz"
+LOG = "train.log"
+
+
+@dataclass(frozen=True)
+class SpectralConfig:
+    """Hyper-parameters of one run (stored in the checkpoint and ``config.json``)."""
+
+    n_pca: int = 96
+    cont_floor: float = -16.0  # log10 Lsun/A: targets clipped here (unit-mass m - DM > 30 below: no visible flux)
+    line_floor: float = -14.0  # log10 Lsun: the same for lines (a line spread over a ~1000 A band)
+    cont_hidden: tuple[int, ...] = (256, 256, 256, 256)
+    line_hidden: tuple[int, ...] = (128, 128, 128)
+    steps: int = 20_000
+    batch_size: int = 512
+    learning_rate: float = 2e-3
+    final_learning_rate: float = 1e-5
+    warmup_steps: int = 500  # capped at steps // 10
+    heldout_fraction: float = 0.05
+    seed: int = 0
+    steps_per_call: int = 100
+    checkpoint_every: float = 120.0
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def fit_pca(log_cont: np.ndarray, n_pca: int, max_rows: int = 20_000, seed: int = 0):
+    """PCA of log spectra (n, n_pix): (mean (n_pix,), basis (n_pca, n_pix) orthonormal rows), float32."""
+    rng = np.random.default_rng(seed)
+    rows = log_cont if len(log_cont) <= max_rows else log_cont[rng.choice(len(log_cont), max_rows, replace=False)]
+    mean = rows.mean(0)
+    _, _, vt = np.linalg.svd(np.asarray(rows - mean, np.float64), full_matrices=False)
+    return mean.astype(np.float32), vt[:n_pca].astype(np.float32)
+
+
+def _split(n: int, cfg: SpectralConfig):
+    """(train, held-out) row indices: the same split as popflow.emulator.train for the same n and seed."""
+    perm = np.random.default_rng(cfg.seed).permutation(n)
+    n_held = max(1, int(round(cfg.heldout_fraction * n)))
+    return np.sort(perm[n_held:]), np.sort(perm[:n_held])
+
+
+def train_spectral(theta, log_cont, log_lines, grid: dict, out_dir, cfg: SpectralConfig = SpectralConfig(), *,
+                   resume: bool = False, max_seconds: float | None = None, log=print) -> SpectralEmulator:
+    """Train on rest-frame pieces (``theta`` (n, dim), ``log_cont`` (n, n_pix), ``log_lines`` (n, n_lines))
+    and return the emulator with the best held-out weights (also saved as ``out_dir/weights.npz``).
+
+    Targets are clipped below at ``cfg.cont_floor`` / ``cfg.line_floor`` (no visible flux there),
+    which removes the up-to-12-dex drops of fully obscured pixels and lines from the regression."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    x = np.asarray(features(DEFAULT_SPACE, theta), np.float32)
+    log_cont = np.maximum(log_cont, cfg.cont_floor)
+    log_lines = np.maximum(log_lines, cfg.line_floor)
+    i_tr, i_ho = _split(len(x), cfg)
+    pca_mean, basis = fit_pca(log_cont[i_tr], cfg.n_pca, seed=cfg.seed)
+    coeff = (log_cont - pca_mean) @ basis.T
+    stats = {"x_mean": x[i_tr].mean(0), "x_std": x[i_tr].std(0) + 1e-6, "c_mean": coeff[i_tr].mean(0),
+             "c_std": coeff[i_tr].std(0) + 1e-6, "l_mean": log_lines[i_tr].mean(0), "l_std": log_lines[i_tr].std(0) + 1e-3,
+             "pca_mean": pca_mean, "pca_basis": basis}
+    resid = log_cont[i_ho] - (pca_mean + coeff[i_ho] @ basis)
+    log(f"PCA {cfg.n_pca} components: held-out rms log-spectrum residual {np.sqrt(np.mean(resid**2)):.2e} dex, "
+        f"max {np.abs(resid).max():.2e}")
+    xs = jnp.asarray((x - stats["x_mean"]) / stats["x_std"])
+    cs = jnp.asarray((coeff - stats["c_mean"]) / stats["c_std"])
+    ls = jnp.asarray((log_lines - stats["l_mean"]) / stats["l_std"])
+    c_w = jnp.asarray(stats["c_std"] ** 2 / log_cont.shape[1])  # standardised coefficient error -> dex^2 per pixel
+    l_w = jnp.asarray(stats["l_std"] ** 2 / log_lines.shape[1])
+    k1, k2 = jax.random.split(jax.random.PRNGKey(cfg.seed))
+    params = {"cont": init_mlp(k1, x.shape[1], cfg.cont_hidden, cfg.n_pca, 1),
+              "lines": init_mlp(k2, x.shape[1], cfg.line_hidden, log_lines.shape[1], 1)}
+    sched = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, min(cfg.warmup_steps, cfg.steps // 10), cfg.steps,
+                                               end_value=cfg.final_learning_rate)
+    opt = optax.adam(sched)
+    opt_state = opt.init(params)
+    step, best, best_params, history = 0, np.inf, params, []
+    ckpt = out_dir / CHECKPOINT
+    cfg_json = json.dumps(cfg.to_dict(), sort_keys=True)
+    if resume and ckpt.is_file():
+        with np.load(ckpt) as z:
+            if str(z["config"]) != cfg_json:
+                raise ValueError(f"{ckpt}: written with a different configuration; cannot resume")
+            leaves = lambda tag, tree: jax.tree.unflatten(jax.tree.structure(tree),  # noqa: E731
+                                                          [jnp.asarray(z[f"{tag}/{i}"]) for i in range(len(jax.tree.leaves(tree)))])
+            params, best_params, opt_state = leaves("p", params), leaves("b", params), leaves("o", opt_state)
+            step, best, history = int(z["step"]), float(z["best"]), json.loads(str(z["history"]))
+        log(f"resumed at step {step}")
+
+    def loss_fn(p, xb, cb, lb):
+        ec = jnp.sum((mlp_apply(p["cont"], xb) - cb) ** 2 * c_w, -1)
+        el = jnp.sum((mlp_apply(p["lines"], xb) - lb) ** 2 * l_w, -1)
+        return jnp.mean(ec), jnp.mean(el)
+
+    def total_loss(p, xb, cb, lb):
+        ec, el = loss_fn(p, xb, cb, lb)
+        return ec + el
+
+    x_tr, c_tr, l_tr = xs[i_tr], cs[i_tr], ls[i_tr]
+
+    @jax.jit
+    def run(p, o, key):
+        def body(carry, k):
+            p, o = carry
+            idx = jax.random.randint(k, (cfg.batch_size,), 0, x_tr.shape[0])
+            loss, g = jax.value_and_grad(total_loss)(p, x_tr[idx], c_tr[idx], l_tr[idx])
+            upd, o = opt.update(g, o, p)
+            return (optax.apply_updates(p, upd), o), loss
+
+        (p, o), losses = jax.lax.scan(body, (p, o), jax.random.split(key, cfg.steps_per_call))
+        return p, o, jnp.mean(losses)
+
+    heldout = jax.jit(lambda p: loss_fn(p, xs[i_ho], cs[i_ho], ls[i_ho]))
+    t0 = last = time.time()
+    key = jax.random.PRNGKey(cfg.seed + 1)
+    losses = []
+    while step < cfg.steps:
+        params, opt_state, loss = run(params, opt_state, jax.random.fold_in(key, step))
+        step += cfg.steps_per_call
+        losses.append(float(loss))
+        now = time.time()
+        stop = step >= cfg.steps or (max_seconds is not None and now - t0 > max_seconds)
+        if now - last > cfg.checkpoint_every or stop:
+            ho_c, ho_l = (float(v) for v in heldout(params))
+            if ho_c + ho_l < best:
+                best, best_params = ho_c + ho_l, params
+            history.append({"step": step, "seconds": round(now - t0, 1), "train": float(np.mean(losses)),
+                            "heldout_cont_dex2": ho_c, "heldout_lines_dex2": ho_l})
+            losses = []
+            arrays = {f"p/{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(params))}
+            arrays.update({f"b/{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(best_params))})
+            arrays.update({f"o/{i}": np.asarray(a) for i, a in enumerate(jax.tree.leaves(opt_state))})
+            np.savez(ckpt.with_suffix(".tmp.npz"), **arrays, step=step, best=best, history=json.dumps(history),
+                     config=cfg_json)
+            ckpt.with_suffix(".tmp.npz").replace(ckpt)
+            with open(out_dir / LOG, "a") as fh:
+                fh.write(json.dumps(history[-1]) + "\n")
+            log(json.dumps(history[-1]))
+            last = now
+            if stop:
+                break
+    weights = {**{k: np.asarray(v, np.float32) for k, v in stats.items()},
+               **jax.tree.map(lambda a: np.asarray(a, np.float32), best_params)}
+    _save(out_dir, weights, grid, cfg)
+    return SpectralEmulator(weights, grid)
+
+
+def _save(out_dir: Path, weights: dict, grid: dict, cfg: SpectralConfig) -> None:
+    from popflow.artifacts import flatten_tree
+
+    flat = flatten_tree(weights)
+    flat.update({f"grid/{k}": np.asarray(grid[k]) for k in ("wave", "width", "line_pixel", "igm_z", "igm_table")})
+    np.savez(out_dir / "weights.npz", **flat)
+    (out_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=1))
+
+
+def load_run(out_dir) -> SpectralEmulator:
+    """The emulator saved by :func:`train_spectral` in ``out_dir``."""
+    from popflow.artifacts import unflatten_tree
+
+    with np.load(Path(out_dir) / "weights.npz") as z:
+        tree = unflatten_tree({k: z[k] for k in z.files})
+    grid = tree.pop("grid")
+    return SpectralEmulator(tree, grid)
+
+
+def main(argv=None) -> None:
+    from popflow.sps.spectra import read_spectra_store
+
+    ap = argparse.ArgumentParser(description="train the spectral emulator on a spectra store")
+    ap.add_argument("store")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, default=SpectralConfig.steps)
+    ap.add_argument("--n-pca", type=int, default=SpectralConfig.n_pca)
+    ap.add_argument("--batch-size", type=int, default=SpectralConfig.batch_size)
+    ap.add_argument("--max-seconds", type=float, default=None)
+    ap.add_argument("--resume", action="store_true")
+    a = ap.parse_args(argv)
+    d, _ = read_spectra_store(a.store)
+    keep = ~d["is_validation"]
+    cfg = SpectralConfig(n_pca=a.n_pca, steps=a.steps, batch_size=a.batch_size)
+    print(f"{a.store}: {int(keep.sum())} models (validation rows excluded)")
+    train_spectral(d["theta"][keep], d["log_cont"][keep], d["log_lines"][keep], d, a.out, cfg, resume=a.resume,
+                   max_seconds=a.max_seconds)
+
+
+if __name__ == "__main__":
+    main()
