@@ -82,40 +82,35 @@ def _ensemble_pz(ens, z_grid):
     return np.clip(np.asarray(ens.pdf(z_grid), np.float64), 0.0, None)
 
 
-def run_knn(bands, ref_band, train, test, workdir, z_grid=Z_GRID):
-    """RAIL kNN trained on ``train`` = (mag, err, z), applied to ``test`` = (mag, err)."""
-    from rail.estimation.algos.k_nearneigh import KNearNeighEstimator, KNearNeighInformer
-
+def _run_trained(informer_cls, estimator_cls, name, bands, ref_band, train, test, workdir, z_grid):
+    """Train a RAIL machine-learning estimator on ``train`` = (mag, err, z), apply it to ``test`` = (mag, err)."""
     limits = _limits(bands, train[0])
     cfg = _common(bands, ref_band, limits, z_grid)
     t0 = time.perf_counter()
-    inf = KNearNeighInformer.make_stage(name="knn_inform", model=str(Path(workdir) / "knn.pkl"), **cfg)
+    inf = informer_cls.make_stage(name=f"{name}_inform", model=str(Path(workdir) / f"{name}.pkl"), **cfg)
     inf.inform(_ml_table(bands, *train[:2], limits, train[2]))
     t1 = time.perf_counter()
-    est = KNearNeighEstimator.make_stage(name="knn_estimate", model=inf.get_handle("model"), **cfg)
+    est = estimator_cls.make_stage(name=f"{name}_estimate", model=inf.get_handle("model"), **cfg)
     ens = est.estimate(_ml_table(bands, *test, limits)).data
     t2 = time.perf_counter()
     pz = _ensemble_pz(ens, z_grid)
-    return {"z_point": np.ravel(ens.ancil["zmode"]), "z_grid": z_grid, "pz": pz, "train_s": t1 - t0,
-            "s_per_galaxy": (t2 - t1) / len(pz)}
+    return ens, pz, {"z_grid": z_grid, "pz": pz, "train_s": t1 - t0, "s_per_galaxy": (t2 - t1) / len(pz)}
+
+
+def run_knn(bands, ref_band, train, test, workdir, z_grid=Z_GRID):
+    """RAIL kNN trained on ``train`` = (mag, err, z), applied to ``test`` = (mag, err); point estimate = its zmode."""
+    from rail.estimation.algos.k_nearneigh import KNearNeighEstimator, KNearNeighInformer
+
+    ens, _, out = _run_trained(KNearNeighInformer, KNearNeighEstimator, "knn", bands, ref_band, train, test, workdir, z_grid)
+    return {"z_point": np.ravel(ens.ancil["zmode"]), **out}
 
 
 def run_flexzboost(bands, ref_band, train, test, workdir, z_grid=Z_GRID):
     """RAIL FlexZBoost trained on ``train``; point estimate = mode of p(z)."""
     from rail.estimation.algos.flexzboost import FlexZBoostEstimator, FlexZBoostInformer
 
-    limits = _limits(bands, train[0])
-    cfg = _common(bands, ref_band, limits, z_grid)
-    t0 = time.perf_counter()
-    inf = FlexZBoostInformer.make_stage(name="fzb_inform", model=str(Path(workdir) / "fzb.pkl"), **cfg)
-    inf.inform(_ml_table(bands, *train[:2], limits, train[2]))
-    t1 = time.perf_counter()
-    est = FlexZBoostEstimator.make_stage(name="fzb_estimate", model=inf.get_handle("model"), **cfg)
-    ens = est.estimate(_ml_table(bands, *test, limits)).data
-    t2 = time.perf_counter()
-    pz = _ensemble_pz(ens, z_grid)
-    return {"z_point": z_grid[np.argmax(pz, axis=1)], "z_grid": z_grid, "pz": pz, "train_s": t1 - t0,
-            "s_per_galaxy": (t2 - t1) / len(pz)}
+    _, pz, out = _run_trained(FlexZBoostInformer, FlexZBoostEstimator, "fzb", bands, ref_band, train, test, workdir, z_grid)
+    return {"z_point": z_grid[np.argmax(pz, axis=1)], **out}
 
 
 def bpz_data_dir(workdir, filters: dict[str, object]) -> Path:
