@@ -8,38 +8,65 @@ For each galaxy the target is the posterior over the probit latent ``phi``
 with the emulator's magnitudes turned into nJy fluxes
 (``f = 10^(-0.4 (m - 31.4))``), the :class:`~popflow.datamodel.DataModel`
 likelihood and the prior's latent density (so the Jacobian of the transform is
-included). Points outside the emulator's domain have zero density. The
-ensemble sampler of :mod:`popflow.sampler` runs on all galaxies of the chunk
-at once.
+included). Points outside the emulator's domain have zero density.
 
-Initialisation (``FitSettings.init``): ``n_init`` candidates are drawn
+Each galaxy gets ``n_ensembles`` independent ensembles of
+``n_walkers / n_ensembles`` walkers (:mod:`popflow.sampler`); all ensembles of
+all galaxies of the chunk move in one call. The outputs keep one ``chain``
+axis of length ``n_walkers``: chain ``c`` is walker ``c % (n_walkers //
+n_ensembles)`` of ensemble ``c // (n_walkers // n_ensembles)``.
+
+Initialisation (``FitSettings.init``). ``n_init`` candidates are drawn
 uniformly on the parameter box (standard normal in latent space; shared by the
-whole chunk, so the emulator runs once per candidate, not per galaxy). Because
-the mass scaling is exact, each candidate's ``log_mass`` is then set per galaxy
-to its weighted least-squares flux amplitude, and candidates are scored by the
-posterior density.
+whole chunk, so the emulator runs once per candidate, not per galaxy). The mass
+scaling is exact, so each candidate's ``log_mass`` is set per galaxy to its
+weighted least-squares flux amplitude, and the candidates are scored by the
+posterior density. Then:
 
-- ``"top"`` (default): the ``n_walkers`` best candidates start the
-  walkers. The start spans every redshift mode the candidates found plausible,
-  so a multimodal p(z) is not collapsed onto one peak before burn-in.
-- ``"ball"``: the single best candidate plus a small Gaussian ball
-  (``init_scale`` in latent units) — the emcee habit, blind to other modes.
-
-(Candidates are not drawn with ``prior.sample``: it need not be cheap or
-jit-friendly, and the box covers every redshift.)
+- ``"laplace"`` (default): the best candidate in each of ``n_starts`` redshift
+  bins (equal in ``log(1 + z)``) starts ``n_newton`` damped Newton steps on the
+  log posterior, so every redshift mode the photometry allows gets a local
+  optimum. (pop-cosmos refines its starts with Adam, Thorp et al. 2024; on the
+  lsst emulator 1000 Adam steps still ended several nats below the Newton
+  optima, BENCHMARKS.md.) Each optimum gets a Laplace
+  approximation (the Hessian of the log posterior, eigenvalues floored at 1,
+  i.e. never wider than the latent unit normal); optima closer than the typical
+  radius are merged, and walkers are drawn from the mixture of these Gaussians
+  weighted by their Laplace evidence ``p(phi*) |2 pi Sigma|^(1/2)``. The walkers
+  thus start close to the posterior, mode weights included, and burn-in only has
+  to correct the Gaussian approximation. Each ensemble draws its walkers
+  independently.
+- ``"top"``: the ``n_walkers`` best candidates (dealt to the ensembles in turn)
+  start the walkers; gradient-free (works with a prior that has no usable
+  gradient) but far from the posterior, so it needs a long burn-in.
 
 Burn-in runs in ``burn_stages`` equal stages. After each stage but the last,
-walkers stranded far below the ensemble (``log p < median - reset_dlogp``, or
-out of the domain) are moved onto randomly chosen good walkers with a small
-jitter. Stretch moves cannot rescue such walkers (their proposals lie on lines
-through the bulk of the ensemble); resetting them during burn-in only changes
-the starting point of the kept chain, not its stationary distribution.
+walkers stranded far below their ensemble (``log p < median - reset_dlogp``,
+or out of the domain) are moved onto randomly chosen good walkers of the same
+ensemble with a small jitter. Stretch moves cannot rescue such walkers (their
+proposals lie on lines through the bulk of the ensemble); resetting them during
+burn-in only changes the starting point of the kept chain, not its stationary
+distribution.
 
-Convergence (per galaxy, documented criterion): ``converged`` when the chain
-length in steps is at least ``tau_factor`` autocorrelation times
-(``n_draws * thin >= tau_factor * tau``, ``tau`` in steps, the mean over
-parameters of the walker-averaged integrated time) and the split R-hat over
-walkers (maximum over parameters) is below ``rhat_max``.
+Convergence (per galaxy): ``converged`` when the rank-normalised split R-hat
+across the ensembles (:func:`popflow.sampler.ensemble_rhat`, maximum over
+parameters) is below ``rhat_max`` and the kept chain is at least
+``tau_factor`` autocorrelation times long (``n_draws * thin >= tau_factor *
+tau``, ``tau`` in steps, the slowest parameter's walker-averaged integrated
+time). The ``ess`` output is ``n_walkers * n_draws * thin / tau``, the
+effective number of independent draws.
+
+Choosing settings: at least ``2 * dim`` walkers per ensemble (the stretch move
+needs the walkers to span the space) and 2 ensembles (so R-hat compares
+independent starts); ``thin`` about a quarter of ``tau`` so kept draws are
+nearly independent; ``n_draws * thin`` at least ``tau_factor * tau``; burn-in
+of a few ``tau``. The defaults (2 ensembles of 32 walkers, Laplace init,
+800 burn-in steps, 32 draws thinned by 12: 75,776 posterior evaluations per
+galaxy plus the init) were chosen on 200 lsst mocks against "top" init and
+against wider / more walkers at equal cost; NONE is calibrated yet (the
+Laplace defaults' intervals are too narrow, for log_mass especially, and
+``converged`` does not single out better-calibrated galaxies). Measured
+figures are in BENCHMARKS.md ("Per-galaxy inference").
 """
 
 from __future__ import annotations
@@ -57,9 +84,10 @@ from popflow.datamodel import DataModel
 
 __all__ = ["FitSettings", "make_fit_kernel", "fit_chunk", "mag_to_njy", "INIT_STRATEGIES"]
 
-INIT_STRATEGIES = ("top", "ball")
+INIT_STRATEGIES = ("laplace", "top")
 _INIT_BATCH = 32  # galaxies scored at once at initialisation: bounds memory at 32 x n_init x dim
 _U_TINY = 1e-6  # probit argument kept in [1e-6, 1 - 1e-6]: |phi| <= 4.75, finite in float32
+_MIN_PRECISION = 1.0  # Laplace init: eigenvalues of -Hessian floored here (latent sd <= 1, the prior's own width)
 
 
 def mag_to_njy(m):
@@ -71,47 +99,61 @@ def mag_to_njy(m):
 class FitSettings:
     """Sampler settings for one fit (frozen and hashable: they key the compiled-kernel cache).
 
-    n_walkers: walkers per galaxy (even, >= 2 dim). n_burn: steps discarded,
-    in burn_stages stages with stuck-walker resets between them (reset_dlogp).
-    n_draws: draws kept per walker; thin: steps between kept draws (so a fit
-    runs ``n_burn + n_draws * thin`` steps). init: one of INIT_STRATEGIES;
-    n_init: candidates for the initialisation; init_scale: latent ball
-    radius for ``"ball"``. a_stretch: the stretch-move scale a; de_prob:
-    probability of a differential-evolution move instead (per galaxy, half
-    and step; on the 14-D toy posteriors it lowered R-hat at equal cost).
+    n_walkers: walkers per galaxy, all ensembles together (the ``chain``
+    axis of the outputs). n_ensembles: independent ensembles per galaxy
+    (``None``: as many as have ``2 dim`` walkers each, at least 1).
+    n_burn: steps discarded, in burn_stages stages with stuck-walker resets
+    between them (reset_dlogp). n_draws: draws kept per walker; thin: steps
+    between kept draws (a fit runs ``n_burn + n_draws * thin`` steps).
+    init: one of INIT_STRATEGIES; n_init: box candidates; n_starts,
+    n_newton: the ``"laplace"`` optimisation (starts per galaxy, damped
+    Newton steps from each); init_scale: the Laplace Gaussians' widths are
+    multiplied by it (> 1: over-dispersed starts, as R-hat assumes).
+    a_stretch: the stretch-move scale a; de_prob: probability of a
+    differential-evolution move instead (per ensemble, half and step).
     tau_factor, rhat_max: the convergence criterion (module docstring).
     """
 
-    n_walkers: int = 32
-    n_burn: int = 1000
-    burn_stages: int = 4
+    n_walkers: int = 64
+    n_ensembles: int | None = None
+    n_burn: int = 800
+    burn_stages: int = 2
     reset_dlogp: float = 20.0
-    n_draws: int = 64
-    thin: int = 16
-    init: str = "top"
-    n_init: int = 4096
-    init_scale: float = 0.05
+    n_draws: int = 32
+    thin: int = 12
+    init: str = "laplace"
+    n_init: int = 2048
+    n_starts: int = 8
+    n_newton: int = 40
+    init_scale: float = 2.0
     a_stretch: float = 2.0
     de_prob: float = 0.5
-    tau_factor: float = 20.0
-    rhat_max: float = 1.1
+    tau_factor: float = 10.0
+    rhat_max: float = 1.05
 
     def __post_init__(self):
         if self.init not in INIT_STRATEGIES:
             raise ValueError(f"FitSettings.init={self.init!r}; choose one of {', '.join(INIT_STRATEGIES)}")
         if self.n_walkers % 2 or self.n_walkers < 4:
             raise ValueError(f"FitSettings.n_walkers={self.n_walkers} must be even and >= 4")
+        if self.n_ensembles is not None and (self.n_ensembles < 1 or self.n_walkers % (2 * self.n_ensembles)):
+            raise ValueError(f"FitSettings.n_ensembles={self.n_ensembles} must be >= 1 and split n_walkers={self.n_walkers} "
+                             "into ensembles of an even number of walkers")
         if self.n_burn < 0:
             raise ValueError(f"FitSettings.n_burn={self.n_burn} must be >= 0")
         if self.burn_stages < 1 or self.n_burn % self.burn_stages:
             raise ValueError(f"FitSettings.burn_stages={self.burn_stages} must be >= 1 and divide n_burn={self.n_burn}")
-        for name in ("n_draws", "thin", "n_init"):
+        for name in ("n_draws", "thin", "n_init", "n_starts"):
             if getattr(self, name) < 1:
                 raise ValueError(f"FitSettings.{name} must be >= 1")
+        if not self.init_scale > 0:
+            raise ValueError(f"FitSettings.init_scale={self.init_scale} must be positive")
+        if self.n_newton < 0:
+            raise ValueError(f"FitSettings.n_newton={self.n_newton} must be >= 0")
         if self.n_draws < 4:
             raise ValueError(f"FitSettings.n_draws={self.n_draws}: at least 4 draws per walker are needed for split R-hat")
-        if self.n_init < self.n_walkers:
-            raise ValueError(f"FitSettings.n_init={self.n_init} must be >= n_walkers={self.n_walkers}")
+        if self.n_init < max(self.n_walkers, self.n_starts):
+            raise ValueError(f"FitSettings.n_init={self.n_init} must be >= n_walkers={self.n_walkers} and n_starts={self.n_starts}")
         if not self.a_stretch > 1.0:
             raise ValueError(f"FitSettings.a_stretch={self.a_stretch} must exceed 1")
 
@@ -119,6 +161,15 @@ class FitSettings:
     def n_steps(self) -> int:
         """Total sampler steps per fit (burn-in plus kept chain)."""
         return self.n_burn + self.n_draws * self.thin
+
+    def ensembles(self, dim: int) -> int:
+        """The number of ensembles used in ``dim`` dimensions (resolves ``n_ensembles=None``)."""
+        if self.n_ensembles is not None:
+            return self.n_ensembles
+        e = max(self.n_walkers // (2 * dim), 1)
+        while self.n_walkers % (2 * e):
+            e -= 1
+        return e
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -139,8 +190,10 @@ def _check_compatible(emulator, prior, datamodel: DataModel, settings: FitSettin
         raise ValueError(
             f"the data model has {datamodel.n_bands} bands but emulator {emulator.id} has {len(emulator.bands)} ({', '.join(emulator.bands)})"
         )
-    if settings.n_walkers < 2 * ps.dim:
-        raise ValueError(f"FitSettings.n_walkers={settings.n_walkers} is below 2 x dim = {2 * ps.dim} for the stretch move")
+    per = settings.n_walkers // settings.ensembles(ps.dim)
+    if per < 2 * ps.dim:
+        raise ValueError(f"FitSettings: {per} walkers per ensemble (n_walkers={settings.n_walkers}, "
+                         f"{settings.ensembles(ps.dim)} ensembles) is below 2 x dim = {2 * ps.dim} for the stretch move")
 
 
 def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings):
@@ -148,26 +201,32 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
 
     Inputs (n_gal, n_band) float32 nJy / bool, ``field`` (n_gal,) int for
     per-field zero points. Outputs: ``samples`` (n_gal, n_walkers, n_draws, dim)
-    physical; ``log_prior`` (physical density), ``log_likelihood`` (n_gal,
-    n_walkers, n_draws); ``acceptance_rate``, ``tau`` (steps), ``rhat``,
-    ``converged``, ``usable`` (n_gal,). Galaxies without a usable band are
-    sampled from the prior internally (finite, harmless) and come out NaN.
-    Galaxy g's randomness comes from ``fold_in(key, g)``, so its result does not
-    depend on the rest of the chunk.
+    physical (chain axis: module docstring); ``log_prior`` (physical density),
+    ``log_likelihood`` (n_gal, n_walkers, n_draws); per galaxy (n_gal,):
+    ``acceptance_rate``, ``tau`` (steps), ``ess``, ``rhat``, ``converged``,
+    ``usable``. Galaxies without a usable band are sampled from the prior
+    internally (finite, harmless) and come out NaN. Galaxy g's randomness comes
+    from ``fold_in(key, g)``, so its result does not depend on the rest of the chunk.
     """
     _check_compatible(emulator, prior, datamodel, settings)
     space = prior.space
     dim = space.dim
     s = settings
-    i_mass = space.index("log_mass")
+    n_ens = s.ensembles(dim)
+    w_ens = s.n_walkers // n_ens
+    i_mass, i_z = space.index("log_mass"), space.index("redshift")
     lo_mass, hi_mass = float(space.lower[i_mass]), float(space.upper[i_mass])
+    lo_z, hi_z = float(space.lower[i_z]), float(space.upper[i_z])
+
+    def sym(h):
+        return 0.5 * (h + jnp.swapaxes(h, -1, -2))
 
     def to_latent(theta):
         u = (theta - space.lower) / (space.upper - space.lower)
         return ndtri(jnp.clip(u, _U_TINY, 1.0 - _U_TINY))
 
     def log_like(theta, flux, flux_err, mask, field):
-        """theta (G, k, dim) physical; data (G, n_band) -> (G, k)."""
+        """theta (G, k, dim) physical; data (G, n_band) -> (G, k), -inf outside the emulator's domain."""
         model = mag_to_njy(emulator.magnitudes(theta))
         f = None if field is None else field[:, None]
         ll = datamodel.log_likelihood(model, flux[:, None], flux_err[:, None], mask[:, None], f)
@@ -180,8 +239,15 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         lp = prior.log_prob_latent(phi)
         return ll + lp, (ll, lp)
 
-    def init_one(unit, cand, key, flux, flux_err, mask, field):
-        """One galaxy's walker starts (W, dim), latent, from the shared candidates (module docstring)."""
+    def smooth_target(phi, data):
+        """The log posterior without the domain cut, for gradients (G, k, dim) -> (G, k)."""
+        flux, flux_err, mask, field = data
+        model = mag_to_njy(emulator.magnitudes(space.from_latent(phi)))
+        f = None if field is None else field[:, None]
+        return datamodel.log_likelihood(model, flux[:, None], flux_err[:, None], mask[:, None], f) + prior.log_prob_latent(phi)
+
+    def score_one(unit, cand, flux, flux_err, mask, field):
+        """One galaxy's candidates, mass set to the best flux amplitude: latent (K, dim) and log posterior (K,)."""
         w = jnp.where(mask, 1.0 / flux_err**2, 0.0)
         mu = datamodel.model_flux(unit, field)  # (K, B) with zero points
         num = jnp.sum(w * flux * mu, axis=-1)
@@ -193,47 +259,120 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         ll = datamodel.log_likelihood(unit * scale[:, None], flux, flux_err, mask, field)
         phi = to_latent(theta)
         score = ll + prior.log_prob_latent(phi)
-        score = jnp.where(emulator.in_domain(theta) & ~jnp.isnan(score), score, -jnp.inf)
-        if s.init == "top":
-            _, idx = jax.lax.top_k(score, s.n_walkers)  # distinct candidates
-            return phi[idx]
-        best = phi[jnp.argmax(score)]
-        return best + s.init_scale * jax.random.normal(key, (s.n_walkers * dim,)).reshape(s.n_walkers, dim)
+        return phi, jnp.where(emulator.in_domain(theta) & ~jnp.isnan(score), score, -jnp.inf)
 
-    def initialise(key, flux, flux_err, mask, field):
-        """Walker starts (G, W, dim): candidates shared by the chunk, chosen per galaxy."""
+    def pick_one(unit, cand, zbin, flux, flux_err, mask, field):
+        """One galaxy's picks from the scored candidates: (n_starts, dim) for "laplace", (n_walkers, dim) for "top"."""
+        phi, score = score_one(unit, cand, flux, flux_err, mask, field)
+        if s.init == "top":
+            _, idx = jax.lax.top_k(score, s.n_walkers)  # distinct candidates, best first
+            return phi[idx.reshape(w_ens, n_ens).T.reshape(-1)]  # dealt to the ensembles in turn
+        in_bin = zbin[None, :] == jnp.arange(s.n_starts)[:, None]  # (S, K)
+        return phi[jnp.argmax(jnp.where(in_bin, score[None, :], -jnp.inf), axis=1)]
+
+    def candidate_picks(key, flux, flux_err, mask, field):
         cand = space.from_latent(jax.random.normal(key, (s.n_init * dim,)).reshape(s.n_init, dim))  # (K, dim) physical
         unit = mag_to_njy(emulator.magnitudes(cand))  # (K, B) fluxes at the candidates' own masses
-        keys = _galaxy_keys(jax.random.fold_in(key, 1), flux.shape[0])
-        field = jnp.zeros(flux.shape[0], jnp.int32) if field is None else field
-        per_gal = lambda args: init_one(unit, cand, *args[:4], None if datamodel.n_fields is None else args[4])  # noqa: E731
-        return jax.lax.map(per_gal, (keys, flux, flux_err, mask, field), batch_size=_INIT_BATCH)
+        lz = jnp.log1p(cand[:, i_z])
+        zbin = jnp.clip(((lz - np.log1p(lo_z)) / (np.log1p(hi_z) - np.log1p(lo_z)) * s.n_starts).astype(jnp.int32), 0, s.n_starts - 1)
+        fld = jnp.zeros(flux.shape[0], jnp.int32) if field is None else field
+        per_gal = lambda a: pick_one(unit, cand, zbin, *a[:3], None if field is None else a[3])  # noqa: E731
+        return jax.lax.map(per_gal, (flux, flux_err, mask, fld), batch_size=_INIT_BATCH)
+
+    def point(fn):
+        """fn(phi (G, k, dim), data) -> (G, k) as a function of one point (dim,) and one galaxy's data."""
+        return lambda x, d: fn(x[None, None], jax.tree.map(lambda a: a[None], d))[0, 0]
+
+    smooth_hess = jax.vmap(jax.vmap(jax.hessian(point(smooth_target)), in_axes=(0, None)))  # (G, S, dim, dim)
+    smooth_grad = jax.vmap(jax.vmap(jax.grad(point(smooth_target)), in_axes=(0, None)))
+
+    def optimise(phi, data):
+        """n_newton damped Newton (Levenberg-Marquardt) steps on every start (G, S, dim).
+
+        The step solves ``(A + lam I) dx = grad`` with ``A`` the negative Hessian, its
+        eigenvalues clipped at 0; a step that does not raise the log posterior is
+        rejected and ``lam`` grows tenfold, an accepted one shrinks it 3-fold.
+        Returns the optima (G, S, dim), their log posterior (G, S) and Hessian."""
+        lp_fn = lambda x: log_target(x, data)[0]  # noqa: E731
+
+        def body(carry, _):
+            x, lp, lam = carry
+            evals, evecs = jnp.linalg.eigh(jnp.nan_to_num(-sym(smooth_hess(x, data))))
+            g = jnp.nan_to_num(smooth_grad(x, data))
+            coef = jnp.einsum("gsji,gsj->gsi", evecs, g) / (jnp.maximum(evals, 0.0) + lam[..., None])
+            x_new = x + jnp.einsum("gsij,gsj->gsi", evecs, coef)
+            lp_new = lp_fn(x_new)
+            better = lp_new > lp
+            return (jnp.where(better[..., None], x_new, x), jnp.where(better, lp_new, lp),
+                    jnp.where(better, lam / 3.0, lam * 10.0)), None
+
+        lp0 = lp_fn(phi)
+        carry = (phi, jnp.where(jnp.isnan(lp0), -jnp.inf, lp0), jnp.ones(phi.shape[:2]))
+        (x, lp, _), _ = jax.lax.scan(body, carry, None, length=s.n_newton)
+        return x, lp, jnp.nan_to_num(smooth_hess(x, data))
+
+    def laplace_one(key, modes, lp, hess):
+        """One galaxy: walkers (n_ens * w_ens, dim) drawn from the Laplace mixture at its optima.
+
+        modes (S, dim), lp (S,), hess (S, dim, dim) of the log posterior."""
+        evals, evecs = jnp.linalg.eigh(-sym(hess))
+        evals = jnp.maximum(jnp.nan_to_num(evals, nan=_MIN_PRECISION), _MIN_PRECISION)
+        log_ev = jnp.where(jnp.isfinite(lp), lp - 0.5 * jnp.sum(jnp.log(evals), axis=-1), -jnp.inf)
+        prec = jnp.einsum("sij,sj,skj->sik", evecs, evals, evecs)
+        order = jnp.argsort(-lp)
+
+        def merge(keep, i):
+            # an optimum within the typical radius (Mahalanobis distance^2 < dim) of a better kept one is a duplicate
+            diff = modes[i][None, :] - modes
+            d2 = jnp.einsum("si,sij,sj->s", diff, prec, diff)
+            dup = jnp.any(keep & (d2 < dim) & (lp > lp[i]))
+            return keep.at[i].set(~dup & jnp.isfinite(lp[i])), None
+
+        keep, _ = jax.lax.scan(merge, jnp.zeros(s.n_starts, bool), order)
+        k_c, k_x = jax.random.split(key)
+        n = n_ens * w_ens
+        comp = jax.random.categorical(k_c, jnp.where(keep, log_ev, -jnp.inf), shape=(n,))
+        xi = jax.random.normal(k_x, (n * dim,)).reshape(n, dim)
+        step = s.init_scale * jnp.einsum("nij,nj->ni", evecs[comp], xi / jnp.sqrt(evals[comp]))
+        return modes[comp] + step, modes[comp]
+
+    def initialise(key, data):
+        """Walker starts (G, n_walkers, dim), latent, ensemble-major."""
+        k_c, k_l = jax.random.split(key)
+        picks = candidate_picks(k_c, *data)
+        if s.init == "top":
+            return picks
+        modes, lp, hess = optimise(picks, data)
+        keys = _galaxy_keys(k_l, modes.shape[0])
+        x, fallback = jax.vmap(laplace_one)(keys, modes, lp, hess)
+        ok = jnp.isfinite(log_target(x, data)[0])  # a draw outside the domain restarts at its optimum
+        return jnp.where(ok[..., None], x, fallback)
 
     def reset_one(key, positions, log_prob):
-        """One galaxy: move walkers with log p < median - reset_dlogp onto jittered good walkers; (W, dim)."""
+        """One ensemble: move walkers with log p < median - reset_dlogp onto jittered good walkers; (W, dim)."""
         bad = ~(log_prob >= jnp.median(log_prob) - s.reset_dlogp)  # -inf and NaN count as bad
         k_donor, k_jit = jax.random.split(key)
-        donor = jax.random.categorical(k_donor, jnp.where(bad, -jnp.inf, 0.0), shape=(s.n_walkers,))
+        donor = jax.random.categorical(k_donor, jnp.where(bad, -jnp.inf, 0.0), shape=(w_ens,))
         good = ~bad[:, None]
         n_good = jnp.maximum(jnp.sum(good), 1)
         mean = jnp.sum(jnp.where(good, positions, 0.0), axis=0) / n_good
         sd = jnp.sqrt(jnp.sum(jnp.where(good, (positions - mean) ** 2, 0.0), axis=0) / n_good)
-        jitter = 0.1 * sd * jax.random.normal(k_jit, (s.n_walkers * dim,)).reshape(s.n_walkers, dim)
+        jitter = 0.1 * sd * jax.random.normal(k_jit, (w_ens * dim,)).reshape(w_ens, dim)
         return jnp.where(bad[:, None], positions[donor] + jitter, positions)
 
-    def burn_in(key, state, target, n_gal):
+    def burn_in(key, state, target, n_rows):
         if s.n_burn == 0:
             return state
         seg = s.n_burn // s.burn_stages
 
         def stage(st, i):
             k = jax.random.fold_in(key, i)
-            st, _ = sampler.run(_galaxy_keys(k, n_gal), st, target, seg, thin=seg, a=s.a_stretch, de_prob=s.de_prob)
+            st, _ = sampler.run(_galaxy_keys(k, n_rows), st, target, seg, thin=seg, a=s.a_stretch, de_prob=s.de_prob)
             return st, None
 
         def stage_and_reset(st, i):
             st, _ = stage(st, i)
-            keys = _galaxy_keys(jax.random.fold_in(key, s.burn_stages + i), n_gal)
+            keys = _galaxy_keys(jax.random.fold_in(key, s.burn_stages + i), n_rows)
             return sampler.init(jax.vmap(reset_one)(keys, st.positions, st.log_prob), target), None
 
         state, _ = jax.lax.scan(stage_and_reset, state, jnp.arange(s.burn_stages - 1))
@@ -249,24 +388,30 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         flux = jnp.where(mask, flux, 0.0)
         flux_err = jnp.where(mask, flux_err, 1.0)
         data = (flux, flux_err, mask, field)
-        target = lambda phi: log_target(phi, data)  # noqa: E731
         k_init, k_burn, k_draw = (jax.random.fold_in(key, i) for i in range(3))
-        phi0 = initialise(k_init, *data)
-        state = sampler.init(phi0, target)
-        state = burn_in(k_burn, state, target, n_gal)
-        _, trace = sampler.run(_galaxy_keys(k_draw, n_gal), state, target, s.n_draws * s.thin, thin=s.thin, a=s.a_stretch, de_prob=s.de_prob)
-        phi = trace.positions
-        ll, lp_latent = trace.aux
-        tau = jnp.mean(sampler.autocorr_time(phi), axis=-1) * s.thin
-        rhat = jnp.max(sampler.split_rhat(phi), axis=-1)
-        converged = (s.n_draws * s.thin >= s.tau_factor * tau) & (rhat < s.rhat_max) & usable
+        phi0 = initialise(k_init, data)
+        # every ensemble is a row of the sampler's batch: (G * n_ens, w_ens, dim), galaxy-major, with its own data row
+        rows = n_gal * n_ens
+        data_e = jax.tree.map(lambda a: jnp.repeat(a, n_ens, axis=0), data)
+        target = lambda phi: log_target(phi, data_e)  # noqa: E731
+        state = sampler.init(phi0.reshape(rows, w_ens, dim), target)
+        state = burn_in(k_burn, state, target, rows)
+        _, trace = sampler.run(_galaxy_keys(k_draw, rows), state, target, s.n_draws * s.thin, thin=s.thin, a=s.a_stretch, de_prob=s.de_prob)
+        per_gal = lambda x: x.reshape((n_gal, s.n_walkers) + x.shape[2:])  # noqa: E731
+        phi = per_gal(trace.positions)  # (G, n_walkers, n_draws, dim)
+        ll, lp_latent = (per_gal(a) for a in trace.aux)
+        tau = jnp.max(sampler.autocorr_time(phi), axis=-1) * s.thin
+        rhat = jnp.max(sampler.ensemble_rhat(phi.reshape(n_gal, n_ens, w_ens, s.n_draws, dim)), axis=-1)
+        n_kept = s.n_draws * s.thin
+        converged = (n_kept >= s.tau_factor * tau) & (rhat < s.rhat_max) & usable
         nan_g = lambda x: jnp.where(usable.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.nan)  # noqa: E731
         return {
             "samples": nan_g(space.from_latent(phi)),
             "log_prior": nan_g(lp_latent - space.log_jacobian(phi)),
             "log_likelihood": nan_g(ll),
-            "acceptance_rate": nan_g(jnp.mean(trace.acceptance_rate, axis=-1)),
+            "acceptance_rate": nan_g(jnp.mean(per_gal(trace.acceptance_rate), axis=-1)),
             "tau": nan_g(tau),
+            "ess": nan_g(s.n_walkers * n_kept / tau),
             "rhat": nan_g(rhat),
             "converged": converged,
             "usable": usable,

@@ -19,8 +19,11 @@ chain does not depend on which other galaxies share its batch (padding a chunk
 changes nothing for the real galaxies).
 
 Diagnostics: the integrated autocorrelation time with Sokal's adaptive window
-(as emcee's ``integrated_time``, ACF averaged over walkers) and the split
-R-hat of Gelman et al. (2013) over walkers.
+(as emcee's ``integrated_time``, ACF averaged over walkers) and the
+rank-normalised split R-hat of Vehtari et al. (2021) across independent
+ensembles. (R-hat over the walkers of ONE ensemble is a poor criterion: the
+walkers are coupled, and a chain shorter than the many-tau a single walker
+needs to cover the posterior flags a healthy ensemble.)
 """
 
 from __future__ import annotations
@@ -29,8 +32,9 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax.scipy.special import ndtri
 
-__all__ = ["EnsembleState", "Trace", "init", "step", "run", "autocorr_time", "split_rhat"]
+__all__ = ["EnsembleState", "Trace", "init", "step", "run", "autocorr_time", "ensemble_rhat"]
 
 
 class EnsembleState(NamedTuple):
@@ -190,6 +194,7 @@ def run(keys, state: EnsembleState, log_prob_fn: Callable, n_steps: int, thin: i
     return final, Trace(to_gwn(pos), to_gwn(logp), jax.tree.map(to_gwn, aux), rate)
 
 
+@jax.jit
 def autocorr_time(chains, c: float = 5.0):
     """Integrated autocorrelation time per parameter, in units of stored draws.
 
@@ -215,20 +220,46 @@ def autocorr_time(chains, c: float = 5.0):
     return jnp.take_along_axis(taus, window[..., None, :], axis=-2)[..., 0, :]
 
 
-def split_rhat(chains):
-    """Split R-hat per parameter (Gelman et al. 2013, BDA3 §11.4), each walker a chain split in two halves.
+def _rank_normal(x, axis_size):
+    """Rank-normalise over the flattened leading-draw axis -2 of ``x`` (..., S, d): Phi^-1((r - 3/8) / (S + 1/4))."""
+    r = jnp.argsort(jnp.argsort(x, axis=-2), axis=-2).astype(jnp.float32) + 1.0
+    return ndtri((r - 0.375) / (axis_size + 0.25))
 
-    ``chains`` (..., n_walk, n_draw, d) -> (..., d). Values near 1 mean the
-    walkers agree; > 1.1 flags an unmixed ensemble (e.g. walkers stranded in
-    separate redshift modes). Walkers that never move give ``inf``.
+
+@jax.jit
+def ensemble_rhat(chains):
+    """Rank-normalised split R-hat across independent ensembles (Vehtari et al. 2021), per parameter.
+
+    ``chains`` (..., n_ens, n_walk, n_draw, d) -> (..., d). Each ensemble's
+    draws are split into a first and a second half in time; each half, pooled
+    over its walkers, is one chain of the classic R-hat (Gelman et al. 2013,
+    BDA3 eq. 11.4), so ``2 n_ens`` chains are compared: the ensembles must agree
+    with each other (they start independently) and with themselves over time.
+    The draws are rank-normalised (invariant to monotonic transforms, robust to
+    heavy tails) and the larger of the bulk R-hat and the R-hat of the folded
+    draws ``|x - median|`` (which catches differing spreads) is returned. Values
+    near 1 mean agreement; > 1.05 flags e.g. ensembles stranded in different
+    redshift modes or still drifting. With one ensemble only the time split is left.
     """
     x = jnp.asarray(chains, jnp.float32)
-    n = x.shape[-2] // 2
+    n_ens, n_walk, n_draw, d = x.shape[-4:]
+    n = n_draw // 2
     if n < 2:
-        raise ValueError(f"split R-hat needs at least 4 draws per walker, got {x.shape[-2]}")
-    halves = jnp.concatenate([x[..., :n, :], x[..., x.shape[-2] - n :, :]], axis=-3)  # (..., 2 n_walk, n, d)
-    means = jnp.mean(halves, axis=-2)
-    within = jnp.mean(jnp.var(halves, axis=-2, ddof=1), axis=-2)
+        raise ValueError(f"ensemble R-hat needs at least 4 draws per walker, got {n_draw}")
+    halves = jnp.stack([x[..., :n, :], x[..., n_draw - n :, :]], axis=-4)  # (..., 2, n_ens, n_walk, n, d)
+    lead = x.shape[:-4]
+    m, size = 2 * n_ens, n_walk * n
+    pooled = halves.reshape(lead + (m * size, d))
+    bulk = _rank_normal(pooled, m * size)
+    folded = _rank_normal(jnp.abs(pooled - jnp.median(pooled, axis=-2, keepdims=True)), m * size)
+    return jnp.maximum(_rhat(bulk.reshape(lead + (m, size, d))), _rhat(folded.reshape(lead + (m, size, d))))
+
+
+def _rhat(x):
+    """Classic R-hat of ``m`` chains (..., m, n, d) -> (..., d); ``inf`` when chains never vary but differ."""
+    n = x.shape[-2]
+    means = jnp.mean(x, axis=-2)
+    within = jnp.mean(jnp.var(x, axis=-2, ddof=1), axis=-2)
     between = n * jnp.var(means, axis=-2, ddof=1)
     var_plus = (n - 1) / n * within + between / n
     return jnp.where(within > 0, jnp.sqrt(var_plus / jnp.where(within > 0, within, 1.0)), jnp.where(between > 0, jnp.inf, 1.0))
