@@ -2,9 +2,10 @@
 
     python benchmarks/reweight_vs_refit.py                 # 200 mock galaxies, default fit settings
     python benchmarks/reweight_vs_refit.py --n-galaxies 64 --draws 32 --burn 400   # quicker
+    python benchmarks/reweight_vs_refit.py --emulator lsst  # the shipped LSST emulator instead of the toy model
 
 Mock galaxies are drawn from the NEW prior (the population the retrained prior
-describes), observed through the toy forward model of tests/toymodel.py with
+describes), observed through the toy forward model of tests/toymodel.py (or a shipped emulator, --emulator) with
 per-band signal-to-noise ratios, and fitted twice with popflow.fit.fit_chunk: under
 the OLD prior (the store that gets reweighted) and under the NEW prior (the re-fit).
 The script prints, in one run:
@@ -48,6 +49,7 @@ sys.path.insert(0, str(ROOT))
 
 from popflow import summary  # noqa: E402
 from popflow.datamodel import DataModel  # noqa: E402
+from popflow.emulator import Emulator  # noqa: E402
 from popflow.fit import FitSettings, fit_chunk  # noqa: E402
 from popflow.pipeline import open_posterior  # noqa: E402
 from popflow.priors import AnalyticPrior, load_prior  # noqa: E402
@@ -115,11 +117,14 @@ def main(argv=None) -> int:
     ap.add_argument("--burn", type=int, default=None, help="default: FitSettings()")
     ap.add_argument("--ess-min", type=float, default=100.0, help="KS only for galaxies with at least this Kish ESS")
     ap.add_argument("--new-prior", default=None, help="prior artifact or shipped name (default: new_analytic_prior())")
+    ap.add_argument("--emulator", default="toy",
+                    help="forward model: 'toy' (tests/toymodel.py, a cheap analytic stand-in) or a shipped emulator "
+                         "with six bands, e.g. lsst (what a real re-fit costs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workdir", default=None, help="where the store goes (default: a temporary folder, removed)")
     args = ap.parse_args(argv)
 
-    emulator = ToyEmulator()
+    emulator = ToyEmulator() if args.emulator == "toy" else Emulator.load(args.emulator)
     old = AnalyticPrior()
     new = load_prior(args.new_prior) if args.new_prior else new_analytic_prior()
     names = old.space.names
