@@ -41,7 +41,6 @@ from pathlib import Path
 
 import jax
 import numpy as np
-import xarray as xr
 from scipy import stats
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,7 +50,7 @@ from popflow import summary  # noqa: E402
 from popflow.datamodel import DataModel  # noqa: E402
 from popflow.emulator import Emulator  # noqa: E402
 from popflow.fit import FitSettings, fit_chunk  # noqa: E402
-from popflow.pipeline import open_posterior  # noqa: E402
+from popflow.pipeline import open_posterior, write_posterior_tree  # noqa: E402
 from popflow.priors import AnalyticPrior, load_prior  # noqa: E402
 from popflow.reweight import KHAT_THRESHOLD, materialize_weights  # noqa: E402
 from tests.toymodel import ToyEmulator, simulate_photometry  # noqa: E402
@@ -80,21 +79,9 @@ def fit_all(flux, err, mask, *, emulator, prior, datamodel, settings, chunk, see
 
 def write_store(path, res, prior_id, names, chunk):
     """A posterior store in the layout of popflow.pipeline from in-memory fit_chunk results."""
-    dims = ("galaxy", "chain", "draw")
-    n_gal = res["samples"].shape[0]
-    n_chunks = -(-n_gal // chunk)
-    root = xr.Dataset({"chunk_done": ("chunk", np.ones(n_chunks, np.int8))},
-                      coords={"galaxy_id": ("galaxy", np.arange(n_gal))}, attrs={"prior_id": prior_id})
-    post = xr.Dataset({n: (dims, res["samples"][..., i]) for i, n in enumerate(names)})
-    stats_ = xr.Dataset({k: (dims if res[k].ndim == 3 else ("galaxy",), res[k])
-                         for k in ("log_prior", "log_likelihood", "acceptance_rate", "tau", "rhat", "converged", "usable")})
-    summ = summary.summary_dataset(summary.summarize(res["samples"], names))
-    tree = xr.DataTree.from_dict({"/": root, "/posterior": post, "/sample_stats": stats_, "/summary": summ})
-    encoding = {node.path: {name: {"chunks": tuple(chunk if d == "galaxy" else 1 if d == "chunk" else var.sizes[d]
-                                                   for d in var.dims)}
-                            for name, var in node.to_dataset(inherit=False).variables.items() if name not in var.dims}
-                for node in tree.subtree}
-    tree.to_zarr(path, mode="w", consolidated=False, encoding=encoding)
+    stats_ = {k: res[k] for k in ("log_prior", "log_likelihood", "acceptance_rate", "tau", "rhat", "converged", "usable")}
+    write_posterior_tree(path, res["samples"], names, stats_, prior_id=prior_id,
+                         galaxy_id=np.arange(res["samples"].shape[0]), chunk=chunk)
 
 
 def weighted_ks(x, w, y, n1, n2):

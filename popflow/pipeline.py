@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["fit_catalog", "open_posterior", "store_lock", "StoreLockedError", "StoreMismatchError",
+__all__ = ["fit_catalog", "open_posterior", "write_posterior_tree", "store_lock", "StoreLockedError", "StoreMismatchError",
            "default_chunk_size", "worker_env"]
 
 IDENTITY_KEYS = ("prior_id", "emulator_id", "datamodel", "settings", "seed", "catalog_sha256", "chunk_size",
@@ -331,6 +331,32 @@ def open_posterior(path, prior=None):
     if isinstance(prior, (str, os.PathLike)):
         prior = load_model(prior, "prior")
     return reweighted(tree, prior, source=str(path))
+
+
+def write_posterior_tree(path, samples, names, sample_stats: dict, *, prior_id: str, galaxy_id, chunk: int):
+    """Write in-memory draws as a complete store in this module's layout (every chunk marked done).
+
+    ``samples`` (n_gal, n_chain, n_draw, dim) physical; ``sample_stats`` maps names to arrays shaped
+    (n_gal, n_chain, n_draw) or (n_gal,); ``galaxy_id`` (n_gal,); ``chunk`` galaxies per Zarr chunk.
+    For stores made outside :func:`fit_catalog` (tests, benchmarks, small in-memory fits).
+    """
+    import xarray as xr
+
+    from popflow import summary
+
+    dims = ("galaxy", "chain", "draw")
+    n_chunks = -(-samples.shape[0] // chunk)
+    root = xr.Dataset({"chunk_done": ("chunk", np.ones(n_chunks, np.int8))},
+                      coords={"galaxy_id": ("galaxy", np.asarray(galaxy_id))}, attrs={"prior_id": prior_id})
+    post = xr.Dataset({n: (dims, samples[..., i]) for i, n in enumerate(names)})
+    stats_ = xr.Dataset({k: (dims if v.ndim == 3 else ("galaxy",), v) for k, v in sample_stats.items()})
+    summ = summary.summary_dataset(summary.summarize(samples, names))
+    tree = xr.DataTree.from_dict({"/": root, "/posterior": post, "/sample_stats": stats_, "/summary": summ})
+    encoding = {node.path: {name: {"chunks": tuple(chunk if d == "galaxy" else 1 if d == "chunk" else var.sizes[d]
+                                                   for d in var.dims)}
+                            for name, var in node.to_dataset(inherit=False).variables.items() if name not in var.dims}
+                for node in tree.subtree}
+    tree.to_zarr(path, mode="w", consolidated=False, encoding=encoding)
 
 
 # ----------------------------------------------------------------------------- the lock

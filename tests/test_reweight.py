@@ -93,7 +93,7 @@ from scipy import stats  # noqa: E402
 
 from popflow import summary  # noqa: E402
 from popflow.params import Parameter, ParameterSpace  # noqa: E402
-from popflow.pipeline import open_posterior  # noqa: E402
+from popflow.pipeline import open_posterior, write_posterior_tree  # noqa: E402
 from popflow.reweight import materialize_weights, reweighted  # noqa: E402
 
 XZ_SPACE = ParameterSpace((Parameter("x", -10.0, 10.0, "", "a Gaussian coordinate"),
@@ -121,21 +121,9 @@ class TruncNormalPrior:
 
 
 def write_store(path, theta, log_prior, prior_id, space, chunk):
-    """A posterior store in the layout of popflow.pipeline (root galaxy_id, chunk_done, prior_id; groups)."""
-    n_gal = theta.shape[0]
-    dims = ("galaxy", "chain", "draw")
-    n_chunks = -(-n_gal // chunk)
-    root = xr.Dataset({"chunk_done": ("chunk", np.ones(n_chunks, np.int8))},
-                      coords={"galaxy_id": ("galaxy", np.arange(n_gal) + 1000)}, attrs={"prior_id": prior_id})
-    post = xr.Dataset({n: (dims, theta[..., i]) for i, n in enumerate(space.names)})
-    stats_ = xr.Dataset({"log_prior": (dims, log_prior)})
-    summ = summary.summary_dataset(summary.summarize(theta, space.names))
-    tree = xr.DataTree.from_dict({"/": root, "/posterior": post, "/sample_stats": stats_, "/summary": summ})
-    encoding = {node.path: {name: {"chunks": tuple(chunk if d == "galaxy" else 1 if d == "chunk" else var.sizes[d]
-                                                   for d in var.dims)}
-                            for name, var in node.to_dataset(inherit=False).variables.items() if name not in var.dims}
-                for node in tree.subtree}
-    tree.to_zarr(path, mode="w", consolidated=False, encoding=encoding)
+    """A posterior store in the layout of popflow.pipeline (galaxy ids from 1000)."""
+    write_posterior_tree(path, theta, space.names, {"log_prior": log_prior}, prior_id=prior_id,
+                         galaxy_id=np.arange(theta.shape[0]) + 1000, chunk=chunk)
     return path
 
 
