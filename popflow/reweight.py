@@ -17,10 +17,12 @@ Pareto k-hat of the weights' upper tail (PSIS; Vehtari, Simpson, Gelman, Yao
 & Gabry 2024, JMLR 25, 72): k-hat > 0.7 means the weights cannot be trusted
 and the galaxy should be re-fitted under the new prior.
 
-The functional core (this section) is pure ``jax.numpy``: log-weights,
-normalisation, ESS and k-hat over the trailing ``(chain, draw)`` axes, jit-
-and vmap-able. The shell below it maps the core over a posterior store's
-galaxy chunks with dask, lazily.
+The functional core (this section) is plain NumPy: log-weights,
+normalisation, ESS and k-hat over the trailing ``(chain, draw)`` axes (a
+chunk of galaxies at a time; NumPy needs no compilation, which a jitted core
+added to every cold run). Only the new prior is evaluated with JAX. The
+shell below it maps the core over a posterior store's galaxy chunks: lazily
+with dask, or eagerly into the store.
 """
 
 from __future__ import annotations
@@ -28,13 +30,11 @@ from __future__ import annotations
 import math
 import os
 from concurrent.futures import ThreadPoolExecutor
-from functools import partial
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import logsumexp
+from scipy.special import logsumexp, softmax
 
 from popflow import summary
 
@@ -58,9 +58,8 @@ KHAT_THRESHOLD = 0.7
 _DRAW_AXES = (-2, -1)
 
 
-@jax.jit
-def log_importance_weights(log_prior_new, log_prior_old):
-    """Unnormalised log importance weights ``log p_new - log p_old``; (...) -> (...).
+def log_importance_weights(log_prior_new, log_prior_old) -> np.ndarray:
+    """Unnormalised log importance weights ``log p_new - log p_old``; (...) -> (...) float32.
 
     A draw the old prior gives zero density (``log_prior_old = -inf``) cannot
     come from a chain drawn under it: its weight is NaN, which marks the whole
@@ -68,35 +67,42 @@ def log_importance_weights(log_prior_new, log_prior_old):
     unusable galaxies) stay NaN. A draw outside the new prior's support gets
     weight zero (``-inf``).
     """
-    new = jnp.asarray(log_prior_new, jnp.float32)
-    old = jnp.asarray(log_prior_old, jnp.float32)
-    return jnp.where(old == -jnp.inf, jnp.nan, new - old)
+    new = np.asarray(log_prior_new, np.float32)
+    old = np.asarray(log_prior_old, np.float32)
+    with np.errstate(invalid="ignore"):
+        return np.where(old == -np.inf, np.nan, new - old)
 
 
-@partial(jax.jit, static_argnames="axis")
-def normalize_log_weights(log_w, axis=_DRAW_AXES):
+def _logsumexp(a, axis, keepdims=False):
+    """``log sum exp`` over ``axis``: ``-inf`` when every term is ``-inf``, NaN when any is NaN."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return logsumexp(a, axis=axis, keepdims=keepdims)
+
+
+def normalize_log_weights(log_w, axis=_DRAW_AXES) -> np.ndarray:
     """Self-normalise log-weights over ``axis`` (default: chain, draw) so that ``sum exp = 1``.
 
-    log_w (..., chain, draw) -> same shape. A galaxy whose draws all have
-    zero weight under the new prior gets ``-inf`` everywhere (no draw
+    log_w (..., chain, draw) -> same shape, float32. A galaxy whose draws all
+    have zero weight under the new prior gets ``-inf`` everywhere (no draw
     survives); any NaN makes the whole galaxy NaN.
     """
-    log_w = jnp.asarray(log_w, jnp.float32)
-    total = logsumexp(log_w, axis=axis, keepdims=True)
-    return jnp.where(total == -jnp.inf, -jnp.inf, log_w - total)
+    log_w = np.asarray(log_w, np.float32)
+    total = _logsumexp(log_w, axis, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        return np.where(total == -np.inf, -np.inf, log_w - total).astype(np.float32)
 
 
-@partial(jax.jit, static_argnames="axis")
-def kish_ess(log_w, axis=_DRAW_AXES):
-    """Kish effective sample size ``(sum w)^2 / sum w^2``; (..., chain, draw) -> (...).
+def kish_ess(log_w, axis=_DRAW_AXES) -> np.ndarray:
+    """Kish effective sample size ``(sum w)^2 / sum w^2``; (..., chain, draw) -> (...) float32.
 
     Accepts normalised or unnormalised log-weights. Zero when every weight is
     zero, NaN when any is NaN. Equal weights give the number of draws.
     """
-    log_w = jnp.asarray(log_w, jnp.float32)
-    a = logsumexp(log_w, axis=axis)
-    b = logsumexp(2.0 * log_w, axis=axis)
-    return jnp.where(a == -jnp.inf, 0.0, jnp.exp(2.0 * a - b))
+    log_w = np.asarray(log_w, np.float32)
+    a = _logsumexp(log_w, axis)
+    b = _logsumexp(2.0 * log_w, axis)
+    with np.errstate(invalid="ignore"):
+        return np.where(a == -np.inf, 0.0, np.exp(2.0 * a - b)).astype(np.float32)
 
 
 def pareto_tail_length(n_draws: int, r_eff: float = 1.0) -> int:
@@ -104,7 +110,7 @@ def pareto_tail_length(n_draws: int, r_eff: float = 1.0) -> int:
     return int(math.ceil(min(0.2 * n_draws, 3.0 * math.sqrt(n_draws / r_eff))))
 
 
-def _gpd_khat(x):
+def _gpd_khat(x: np.ndarray) -> np.ndarray:
     """Shape k of a generalised Pareto fitted to exceedances ``x`` (..., n), ascending, x[..., -1] > 0.
 
     Zhang & Stephens (2009) profile-likelihood posterior mean of ``b = -k / sigma``,
@@ -113,25 +119,24 @@ def _gpd_khat(x):
     """
     n = x.shape[-1]
     m = 30 + int(math.sqrt(n))
-    j = jnp.arange(1, m + 1, dtype=jnp.float32)
+    j = np.arange(1, m + 1, dtype=np.float64)
     x_max = x[..., -1:]
     # The first quartile of the tail sets the grid's spread. Ties at the cutoff give zero
     # exceedances; use the smallest positive one then, so that b stays finite.
-    positive_min = jnp.min(jnp.where(x > 0, x, jnp.inf), axis=-1, keepdims=True)
+    positive_min = np.min(np.where(x > 0, x, np.inf), axis=-1, keepdims=True)
     q1 = x[..., int(n / 4 + 0.5) - 1 : int(n / 4 + 0.5)]
-    q1 = jnp.where(q1 > 0, q1, positive_min)
-    b = 1.0 / x_max + (1.0 - jnp.sqrt(m / (j - 0.5))) / (3.0 * q1)  # (..., m)
-    k = jnp.mean(jnp.log1p(-b[..., :, None] * x[..., None, :]), axis=-1)  # (..., m)
-    profile = n * (jnp.log(-b / k) - k - 1.0)
-    post = jax.nn.softmax(profile, axis=-1)
-    b_post = jnp.sum(b * post, axis=-1, keepdims=True)
-    k_post = jnp.mean(jnp.log1p(-b_post * x), axis=-1)
+    q1 = np.where(q1 > 0, q1, positive_min)
+    b = 1.0 / x_max + (1.0 - np.sqrt(m / (j - 0.5))) / (3.0 * q1)  # (..., m)
+    k = np.mean(np.log1p(-b[..., :, None] * x[..., None, :]), axis=-1)  # (..., m)
+    profile = n * (np.log(-b / k) - k - 1.0)
+    post = softmax(profile, axis=-1)
+    b_post = np.sum(b * post, axis=-1, keepdims=True)
+    k_post = np.mean(np.log1p(-b_post * x), axis=-1)
     return (n * k_post + 10.0 * 0.5) / (n + 10.0)
 
 
-@partial(jax.jit, static_argnames="r_eff")
-def pareto_khat(log_w, r_eff: float = 1.0):
-    """PSIS Pareto k-hat of the importance weights per galaxy; (..., chain, draw) -> (...).
+def pareto_khat(log_w, r_eff: float = 1.0) -> np.ndarray:
+    """PSIS Pareto k-hat of the importance weights per galaxy; (..., chain, draw) -> (...) float32.
 
     Fits a generalised Pareto distribution to the largest
     :func:`pareto_tail_length` weights (exceedances over the next largest),
@@ -141,22 +146,22 @@ def pareto_khat(log_w, r_eff: float = 1.0):
     flat (all top weights equal: bounded weights, e.g. an unchanged prior),
     ``inf`` when every weight is zero, NaN when any weight is NaN.
     """
-    log_w = jnp.asarray(log_w, jnp.float32)
+    log_w = np.asarray(log_w, np.float32)
     flat = log_w.reshape(log_w.shape[:-2] + (-1,))
     s = flat.shape[-1]
     m = pareto_tail_length(s, r_eff)
     if m < 5 or m + 1 > s:
         raise ValueError(f"pareto_khat needs a tail of at least 5 of {s} draws (got {m}); store more draws per galaxy")
-    top = jax.lax.top_k(flat, m + 1)[0][..., ::-1]  # the m + 1 largest, ascending
-    shift = top[..., -1:]
-    safe_shift = jnp.where(jnp.isfinite(shift), shift, 0.0)
-    w = jnp.exp(top - safe_shift)
-    x = w[..., 1:] - w[..., :1]  # exceedances over the cutoff, ascending
-    flat_tail = x[..., -1] <= 0
-    k = _gpd_khat(jnp.where(flat_tail[..., None], 1.0, x))
-    k = jnp.where(flat_tail, -jnp.inf, k)
-    k = jnp.where(shift[..., 0] == -jnp.inf, jnp.inf, k)
-    return jnp.where(jnp.any(jnp.isnan(flat), axis=-1), jnp.nan, k)
+    top = np.sort(np.partition(flat, s - m - 1, axis=-1)[..., s - m - 1 :], axis=-1)  # the m + 1 largest, ascending
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        shift = top[..., -1:].astype(np.float64)
+        w = np.exp(top - np.where(np.isfinite(shift), shift, 0.0))
+        x = w[..., 1:] - w[..., :1]  # exceedances over the cutoff, ascending
+        flat_tail = x[..., -1] <= 0
+        k = _gpd_khat(np.where(flat_tail[..., None], 1.0, x))
+    k = np.where(flat_tail, -np.inf, k)
+    k = np.where(shift[..., 0] == -np.inf, np.inf, k)
+    return np.where(np.any(np.isnan(flat), axis=-1), np.nan, k).astype(np.float32)
 
 
 # --- the lazy shell: posterior stores -------------------------------------------------------------
@@ -218,33 +223,21 @@ class PriorEvaluator:
         return np.where(ok, out, np.nan).astype(np.float32).reshape(theta.shape[:-1])
 
 
-@jax.jit
-def _weights_core(log_prior_new, log_prior_old):
-    """(galaxy, chain, draw) twice -> normalised log_weight (same shape), ess and khat (galaxy,)."""
-    lw = normalize_log_weights(log_importance_weights(log_prior_new, log_prior_old))
-    return lw, kish_ess(lw), pareto_khat(lw)
-
-
-def _reweight_arrays(theta, log_prior_old, *, evaluator: PriorEvaluator, names, pad_to: int) -> dict:
+def _reweight_arrays(theta, log_prior_old, *, evaluator: PriorEvaluator, names) -> dict:
     """One galaxy chunk: draws theta (galaxy, chain, draw, dim) physical and the stored log_prior
     (galaxy, chain, draw) -> {name: array} for every variable of :func:`reweight_dataset`.
-
-    The weights are computed on the chunk padded to ``pad_to`` galaxies, so that the last,
-    shorter chunk does not compile the core again.
     """
-    n_gal = theta.shape[0]
-    pad = ((0, max(pad_to - n_gal, 0)), (0, 0), (0, 0))
-    lp_new, lp_old = (np.pad(a, pad) for a in (evaluator(theta), np.asarray(log_prior_old, np.float32)))
-    lw, ess, khat = (np.asarray(a)[:n_gal] for a in _weights_core(lp_new, lp_old))
-    return {LOG_WEIGHT: lw, "ess": ess, "khat": khat, **summary.summarize(theta, names, weights=np.exp(lw))}
+    lw = normalize_log_weights(log_importance_weights(evaluator(theta), log_prior_old))
+    return {LOG_WEIGHT: lw, "ess": kish_ess(lw), "khat": pareto_khat(lw),
+            **summary.summarize(theta, names, weights=np.exp(lw))}
 
 
-def _reweight_block(block, *, evaluator: PriorEvaluator, names, log_prior: str, pad_to: int):
+def _reweight_block(block, *, evaluator: PriorEvaluator, names, log_prior: str):
     """:func:`_reweight_arrays` on one galaxy chunk of :func:`reweight_dataset` (inside a dask task)."""
     import xarray as xr
 
     theta = np.stack([block[n].values for n in names], axis=-1)
-    out = _reweight_arrays(theta, block[log_prior].values, evaluator=evaluator, names=names, pad_to=pad_to)
+    out = _reweight_arrays(theta, block[log_prior].values, evaluator=evaluator, names=names)
     coords = {k: c for k, c in block.coords.items() if set(c.dims) <= {"galaxy", "chain", "draw"}}
     coords.update(quantile=summary.QUANTILES, z_grid=summary.Z_GRID.astype(np.float32))
     return xr.Dataset({k: (_weight_dims(k), v) for k, v in out.items()}, coords=coords)
@@ -256,19 +249,23 @@ def _weight_dims(name: str) -> tuple[str, ...]:
     return ("galaxy", "quantile") if name.endswith("_q") else ("galaxy", "z_grid") if name == "pz" else ("galaxy",)
 
 
+def _weight_variables(n_gal: int, n_chain: int, n_draw: int, names) -> dict:
+    """{name: (dims, shape)} of every float32 variable of :func:`reweight_dataset`."""
+    sizes = {"galaxy": n_gal, "chain": n_chain, "draw": n_draw, "quantile": summary.QUANTILES.size,
+             "z_grid": summary.Z_GRID.size}
+    variables = [LOG_WEIGHT, "ess", "khat", *(f"{n}_q" for n in names), "pz", "z_median", "z_mode"]
+    return {v: (_weight_dims(v), tuple(sizes[d] for d in _weight_dims(v))) for v in variables}
+
+
 def _weights_template(n_gal: int, n_chain: int, n_draw: int, g_chunks, names):
     """The variables of :func:`reweight_dataset` as uncomputed dask arrays (shapes, dtypes, chunks only)."""
     import dask.array as da
     import xarray as xr
 
-    sizes = {"galaxy": n_gal, "chain": n_chain, "draw": n_draw, "quantile": summary.QUANTILES.size,
-             "z_grid": summary.Z_GRID.size}
-    variables = [LOG_WEIGHT, "ess", "khat", *(f"{n}_q" for n in names), "pz", "z_median", "z_mode"]
     data = {}
-    for v in variables:
-        dims = _weight_dims(v)
-        chunks = tuple(g_chunks if d == "galaxy" else sizes[d] for d in dims)
-        data[v] = (dims, da.empty(tuple(sizes[d] for d in dims), dtype=np.float32, chunks=chunks))
+    for v, (dims, shape) in _weight_variables(n_gal, n_chain, n_draw, names).items():
+        chunks = tuple(g_chunks if d == "galaxy" else n for d, n in zip(dims, shape))
+        data[v] = (dims, da.empty(shape, dtype=np.float32, chunks=chunks))
     return xr.Dataset(data, coords={"quantile": summary.QUANTILES, "z_grid": summary.Z_GRID.astype(np.float32)})
 
 
@@ -301,8 +298,7 @@ def reweight_dataset(posterior, log_prior_old, prior, *, names=None, block_size:
     template = _weights_template(lp.sizes["galaxy"], lp.sizes["chain"], lp.sizes["draw"], g_chunks, names)
     template = template.assign_coords({k: c for k, c in inputs.coords.items() if set(c.dims) <= {"galaxy", "chain", "draw"}})
     return xr.map_blocks(_reweight_block, inputs, template=template,
-                         kwargs={"evaluator": PriorEvaluator(prior, block_size), "names": names, "log_prior": log_prior,
-                                 "pad_to": int(max(g_chunks))})
+                         kwargs={"evaluator": PriorEvaluator(prior, block_size), "names": names, "log_prior": log_prior})
 
 
 def _check_space(prior, posterior, source: str):
@@ -364,16 +360,26 @@ def reweighted(dt, prior, *, source: str = "posterior"):
     return xr.DataTree.from_dict(tree)
 
 
-def _weights_encoding(ds) -> dict:
+def _create_weights_group(root, prior_id: str, shape: tuple[int, int, int], step: int, names, attrs: dict):
+    """An empty ``/weights/<prior_id>`` group in the Zarr group ``root`` (replacing any there), through Zarr directly.
+
+    Every variable of :func:`reweight_dataset` unwritten (NaN), chunked by ``step`` galaxies, with
+    its dimension names, the coordinates ``quantile`` and ``z_grid``, and ``chunk_done`` (chunk,)
+    zeros, one Zarr chunk per marker: what xarray reads as a Dataset. ``attrs`` on the group.
+    """
     from zarr.codecs import BloscCodec
 
-    comp = [BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")]
-    enc = {}
-    for name, var in ds.variables.items():
-        if name in ds.dims:
-            continue
-        enc[name] = {"compressors": comp, "fill_value": np.nan if var.dtype.kind == "f" else 0}
-    return enc
+    comp = BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+    group = root.require_group(WEIGHTS_GROUP).create_group(prior_id, overwrite=True, attributes=attrs)
+    for name, (dims, var_shape) in _weight_variables(*shape, names).items():
+        chunks = tuple(step if d == "galaxy" else n for d, n in zip(dims, var_shape))
+        group.create_array(name, shape=var_shape, chunks=chunks, dtype=np.float32, fill_value=np.nan, compressors=comp,
+                           dimension_names=dims)
+    for name, values in (("quantile", summary.QUANTILES), ("z_grid", summary.Z_GRID.astype(np.float32))):
+        group.create_array(name, data=values, dimension_names=(name,))
+    group.create_array(CHUNK_DONE, shape=(-(-shape[0] // step),), chunks=(1,), dtype=np.int8, fill_value=0,
+                       compressors=comp, dimension_names=("chunk",))
+    return group
 
 
 def materialize_weights(path, prior, *, block_size: int = 8192, threads: int | None = None, progress: bool = True,
@@ -384,14 +390,16 @@ def materialize_weights(path, prior, *, block_size: int = 8192, threads: int | N
     reweighted (:func:`_reweight_arrays`, the same function the lazy view maps over the chunks),
     written as its region of the group and only then marked done in the group's ``chunk_done``
     (one Zarr chunk per marker); a re-run skips marked chunks, so an interrupted run resumes
-    where it stopped. Chunks are read and written through Zarr directly: nothing is planned by
-    dask, so the cost is the reads, one prior evaluation per draw, the weighted summaries and
-    the writes. ``threads`` chunks (default: one per core) are processed at once (NumPy's
-    sorts, XLA and Zarr's codecs release the GIL), which also bounds the memory. The group's attributes ``prior_id``, ``sampled_prior_id`` and ``complete``
-    are written last. Holds the store's lock (:func:`popflow.pipeline.store_lock`), so it
-    never runs while ``popflow fit`` writes the same store. ``prior``: a prior object;
-    ``block_size``: draws per prior evaluation (:class:`PriorEvaluator`). Returns ``{"group",
-    "n_chunks", "chunks_done_now", "ess_median", "frac_khat_ok", "seconds"}``.
+    where it stopped. The group is laid out and chunks are read and written through Zarr
+    directly: nothing is planned by dask, and the only compilation is the new prior's, so the
+    cost is the reads, one prior evaluation per draw, the weighted summaries of every parameter
+    and the writes. ``threads`` chunks (default: one per core) are processed at once (NumPy's
+    sorts, XLA and Zarr's codecs release the GIL), which also bounds the memory. The group's
+    attributes ``prior_id``, ``sampled_prior_id`` and ``complete`` are written last. Holds the
+    store's lock (:func:`popflow.pipeline.store_lock`), so it never runs while ``popflow fit``
+    writes the same store. ``prior``: a prior object; ``block_size``: draws per prior evaluation
+    (:class:`PriorEvaluator`). Returns ``{"group", "n_chunks", "chunks_done_now", "ess_median",
+    "frac_khat_ok", "seconds"}``.
     """
     import time
 
@@ -435,13 +443,12 @@ def materialize_weights(path, prior, *, block_size: int = 8192, threads: int | N
             log(f"popflow: {path}/{group} was made for other draws or chunks ({existing.get(SAMPLED_PRIOR_ATTR)}); rebuilding it")
             existing = None
         if existing is None:
-            layout = _weights_template(n_gal, n_chain, n_draw, g_chunks, names)
-            layout = layout.assign({CHUNK_DONE: ("chunk", np.zeros(len(g_chunks), np.int8))}).chunk({"chunk": 1})
-            layout.to_zarr(path, group=group, mode="w", compute=False, consolidated=False,
-                           encoding=_weights_encoding(layout))
-            zarr.open_group(path, path=group, mode="r+").attrs.update({**identity, "complete": False})
-        wgroup = zarr.open_group(path, path=group, mode="r+")
-        done_array = wgroup[CHUNK_DONE]
+            wgroup = _create_weights_group(root, prior.id, (n_gal, n_chain, n_draw), step, names,
+                                           {**identity, "complete": False})
+        else:
+            wgroup = root[group]
+        arrays = dict(wgroup.arrays())  # opened once: each lookup by name re-reads the array's metadata
+        done_array = arrays[CHUNK_DONE]
         todo = [i for i, d in enumerate(done_array[:]) if not d]
         draws = [root[f"posterior/{n}"] for n in names]
         evaluator = PriorEvaluator(prior, block_size)
@@ -449,21 +456,21 @@ def materialize_weights(path, prior, *, block_size: int = 8192, threads: int | N
         def one_chunk(i: int) -> int:
             rows = slice(bounds[i], bounds[i + 1])
             theta = np.stack([a[rows] for a in draws], axis=-1)
-            out = _reweight_arrays(theta, log_prior[rows], evaluator=evaluator, names=names, pad_to=step)
+            out = _reweight_arrays(theta, log_prior[rows], evaluator=evaluator, names=names)
             for name, values in out.items():
-                wgroup[name][rows] = values
+                arrays[name][rows] = values
             done_array[i] = 1  # the marker last: a chunk counts as done once its data are on disk
             return rows.stop - rows.start
 
         threads = max(1, min(threads or os.cpu_count() or 1, len(todo)))
         with tqdm(total=n_gal, initial=n_gal - sum(g_chunks[i] for i in todo), unit="gal",
                   desc="reweight", disable=not progress) as bar, ThreadPoolExecutor(threads) as pool:
-            if todo:  # the first chunk alone: it compiles the prior and the weights core once, not per thread
-                bar.update(one_chunk(todo[0]))
-            for n_done in pool.map(one_chunk, todo[1:]):  # at most `threads` chunks in memory at once
+            if todo:  # compile the prior once, before the threads need it
+                evaluator(0.5 * (prior.space.lower + prior.space.upper))
+            for n_done in pool.map(one_chunk, todo):  # at most `threads` chunks in memory at once
                 bar.update(n_done)
         wgroup.attrs["complete"] = True
-        ess, khat = wgroup["ess"][:], wgroup["khat"][:]
+        ess, khat = arrays["ess"][:], arrays["khat"][:]
     if todo:
         log(f"popflow: reweighted {int(sum(g_chunks[i] for i in todo))} galaxies to prior {prior.id} into {path}/{group}")
     ok = np.isfinite(ess)

@@ -88,11 +88,12 @@ def _equal_weight_quantiles(x: np.ndarray, q: np.ndarray) -> np.ndarray:
 
 
 def _weighted_quantiles(x: np.ndarray, q: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """x (rows, n), float64 weights w (rows, n) >= 0, zero at non-finite x -> (rows, len(q))."""
-    rows, n = x.shape
-    xs = np.where(w > 0, x, np.inf)  # zero-weight draws sort last and are never interpolated between
-    order = np.argsort(xs, axis=-1)
-    xs = np.take_along_axis(xs, order, axis=-1)
+    """x (rows, n), float64 weights w (rows, n) >= 0, zero at non-finite x -> (rows, len(q)).
+
+    One argsort per row; only the cumulative weights are laid out in sorted order, the draws
+    themselves are looked up at the two order statistics each quantile interpolates between.
+    """
+    order = np.argsort(np.where(w > 0, x, np.inf), axis=-1)  # zero-weight draws sort last, never interpolated between
     ws = np.take_along_axis(w, order, axis=-1)
     total = ws.sum(axis=-1, keepdims=True)
     c = np.cumsum(ws, axis=-1)
@@ -102,17 +103,18 @@ def _weighted_quantiles(x: np.ndarray, q: np.ndarray, w: np.ndarray) -> np.ndarr
         c /= total  # (rows, n): midpoint cumulative probabilities, non-decreasing in [0, 1]
     c[total[:, 0] == 0] = 0.0
     n_pos = (ws > 0).sum(axis=-1)[:, None]
-    # per row, the number of cumulative positions below each q: one searchsorted over rows laid end to end
-    offset = 2.0 * np.arange(rows)[:, None]
-    below = np.searchsorted((c + offset).ravel(), (q[None, :] + offset).ravel(), side="left").reshape(rows, q.size)
-    hi = np.minimum(below - n * np.arange(rows)[:, None], np.maximum(n_pos - 1, 0))
+    below = np.stack([(c < p).sum(axis=-1) for p in q], axis=-1)  # per row, the cumulative positions below each q
+    hi = np.minimum(below, np.maximum(n_pos - 1, 0))
     lo = np.maximum(hi - 1, 0)
     c_lo, c_hi = np.take_along_axis(c, lo, -1), np.take_along_axis(c, hi, -1)
-    x_lo = np.take_along_axis(xs, lo, -1).astype(np.float64)
-    x_hi = np.take_along_axis(xs, hi, -1).astype(np.float64)
+
+    def sorted_draw(k):  # the k-th smallest positively weighted draw of each row
+        return np.take_along_axis(x, np.take_along_axis(order, k, -1), -1).astype(np.float64)
+
+    x_lo, x_hi = sorted_draw(lo), sorted_draw(hi)
     with np.errstate(invalid="ignore", divide="ignore"):
         t = np.where(c_hi > c_lo, (q - c_lo) / (c_hi - c_lo), 1.0)
-        out = np.where(q <= c[:, :1], xs[:, :1], x_lo + np.clip(t, 0.0, 1.0) * (x_hi - x_lo))
+        out = np.where(q <= c[:, :1], sorted_draw(np.zeros_like(lo[:, :1])), x_lo + np.clip(t, 0.0, 1.0) * (x_hi - x_lo))
     return np.where(n_pos > 0, out, np.nan)
 
 
