@@ -1,7 +1,9 @@
 """Recovery and calibration on mock galaxies made with the fit's own forward model.
 
     python benchmarks/mock_recovery.py [--n-gal 500] [--seed 7] [--walkers 64] [--ensembles 2] [--burn 400]
-                                       [--draws 32] [--thin 16] [--init laplace|top] [--init-scale 2] [--save out.npz]
+                                       [--draws 32] [--thin 16] [--init laplace|top] [--init-scale 2]
+                                       [--ind-prob 0.2] [--ind-scale 1] [--starts 8] [--n-init 2048] [--newton 40]
+                                       [--save out.npz]
 
 Defaults are :class:`popflow.fit.FitSettings`'s.
 
@@ -53,6 +55,12 @@ def main(argv=None):
     ap.add_argument("--ensembles", type=int, default=None, help="n_ensembles (default: FitSettings's rule)")
     ap.add_argument("--burn-stages", type=int, default=FitSettings.burn_stages)
     ap.add_argument("--init-scale", type=float, default=FitSettings.init_scale)
+    ap.add_argument("--ind-prob", type=float, default=FitSettings.ind_prob)
+    ap.add_argument("--ind-scale", type=float, default=FitSettings.ind_scale)
+    ap.add_argument("--starts", type=int, default=FitSettings.n_starts)
+    ap.add_argument("--n-init", type=int, default=FitSettings.n_init)
+    ap.add_argument("--no-dust-starts", action="store_true")
+    ap.add_argument("--newton", type=int, default=FitSettings.n_newton)
     ap.add_argument("--save", default=None, help="write the fit outputs and the truths to this .npz")
     a = ap.parse_args(argv)
 
@@ -69,7 +77,8 @@ def main(argv=None):
     base = FitSettings()
     settings = FitSettings(n_walkers=a.walkers, n_ensembles=a.ensembles if a.ensembles else base.n_ensembles, n_burn=a.burn,
                            burn_stages=a.burn_stages if a.burn % a.burn_stages == 0 else 1, n_draws=a.draws, thin=a.thin,
-                           init=a.init, init_scale=a.init_scale)
+                           init=a.init, init_scale=a.init_scale, ind_prob=a.ind_prob, ind_scale=a.ind_scale,
+                           n_starts=a.starts, n_init=a.n_init, n_newton=a.newton, dust_starts=not a.no_dust_starts)
     flux, err = flux.astype(np.float32), err.astype(np.float32)
     dm.validate(flux, err, mask, None, where="mock_recovery")
     kernel = _cached_kernel(emu, prior, dm, settings)

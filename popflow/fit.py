@@ -24,7 +24,9 @@ weighted least-squares flux amplitude, and the candidates are scored by the
 posterior density. Then:
 
 - ``"laplace"`` (default): the best candidate in each of ``n_starts`` redshift
-  bins (equal in ``log(1 + z)``) starts ``n_newton`` damped Newton steps on the
+  bins (equal in ``log(1 + z)``) and, with ``dust_starts``, the best one in the
+  same bin whose dust2 differs from it by more than 0.5 (the other branch of the
+  dust-age-mass degeneracy) start ``n_newton`` damped Newton steps on the
   log posterior, so every redshift mode the photometry allows gets a local
   optimum. (pop-cosmos refines its starts with Adam, Thorp et al. 2024; on the
   lsst emulator 1000 Adam steps still ended several nats below the Newton
@@ -35,7 +37,12 @@ posterior density. Then:
   weighted by their Laplace evidence ``p(phi*) |2 pi Sigma|^(1/2)``. The walkers
   thus start close to the posterior, mode weights included, and burn-in only has
   to correct the Gaussian approximation. Each ensemble draws its walkers
-  independently.
+  independently. The same mixture (widths times ``ind_scale``) is then the
+  proposal of an independence Metropolis-Hastings move made in a fraction
+  ``ind_prob`` of the half-steps: stretch and differential-evolution moves
+  explore a mode, but walkers cross between separated modes (redshift
+  solutions, dust-age branches) only through this move, whose acceptance
+  ratio corrects the Laplace weights to the true posterior mass of each mode.
 - ``"top"``: the ``n_walkers`` best candidates (dealt to the ensembles in turn)
   start the walkers; gradient-free (works with a prior that has no usable
   gradient) but far from the posterior, so it needs a long burn-in.
@@ -87,6 +94,7 @@ __all__ = ["FitSettings", "make_fit_kernel", "fit_chunk", "mag_to_njy", "INIT_ST
 INIT_STRATEGIES = ("laplace", "top")
 _INIT_BATCH = 32  # galaxies scored at once at initialisation: bounds memory at 32 x n_init x dim
 _U_TINY = 1e-6  # probit argument kept in [1e-6, 1 - 1e-6]: |phi| <= 4.75, finite in float32
+_DUST_SEPARATION = 0.5  # dust2 (optical depth) between the two starts of a redshift bin (``dust_starts``)
 _MIN_PRECISION = 1.0  # Laplace init: eigenvalues of -Hessian floored here (latent sd <= 1, the prior's own width)
 
 
@@ -106,11 +114,15 @@ class FitSettings:
     between them (reset_dlogp). n_draws: draws kept per walker; thin: steps
     between kept draws (a fit runs ``n_burn + n_draws * thin`` steps).
     init: one of INIT_STRATEGIES; n_init: box candidates; n_starts,
-    n_newton: the ``"laplace"`` optimisation (starts per galaxy, damped
-    Newton steps from each); init_scale: the Laplace Gaussians' widths are
+    dust_starts, n_newton: the ``"laplace"`` optimisation (redshift bins,
+    a second start per bin on the other dust branch, damped Newton steps
+    from each start); init_scale: the Laplace Gaussians' widths are
     multiplied by it (> 1: over-dispersed starts, as R-hat assumes).
-    a_stretch: the stretch-move scale a; de_prob: probability of a
-    differential-evolution move instead (per ensemble, half and step).
+    a_stretch: the stretch-move scale a; ind_prob: probability of an
+    independence move from the Laplace mixture (``"laplace"`` init only),
+    whose Gaussians' widths are multiplied by ind_scale; de_prob: otherwise,
+    probability of a differential-evolution move instead of a stretch move
+    (each per ensemble, half and step).
     tau_factor, rhat_max: the convergence criterion (module docstring).
     """
 
@@ -122,12 +134,15 @@ class FitSettings:
     n_draws: int = 32
     thin: int = 12
     init: str = "laplace"
-    n_init: int = 2048
+    n_init: int = 16384
     n_starts: int = 8
+    dust_starts: bool = True
     n_newton: int = 40
     init_scale: float = 2.0
     a_stretch: float = 2.0
     de_prob: float = 0.5
+    ind_prob: float = 0.2
+    ind_scale: float = 1.0
     tau_factor: float = 10.0
     rhat_max: float = 1.05
 
@@ -154,6 +169,10 @@ class FitSettings:
             raise ValueError(f"FitSettings.n_draws={self.n_draws}: at least 4 draws per walker are needed for split R-hat")
         if self.n_init < max(self.n_walkers, self.n_starts):
             raise ValueError(f"FitSettings.n_init={self.n_init} must be >= n_walkers={self.n_walkers} and n_starts={self.n_starts}")
+        if not 0.0 <= self.ind_prob <= 1.0 or not 0.0 <= self.de_prob <= 1.0:
+            raise ValueError(f"FitSettings: ind_prob={self.ind_prob} and de_prob={self.de_prob} must lie in [0, 1]")
+        if not self.ind_scale > 0:
+            raise ValueError(f"FitSettings.ind_scale={self.ind_scale} must be positive")
         if not self.a_stretch > 1.0:
             raise ValueError(f"FitSettings.a_stretch={self.a_stretch} must exceed 1")
 
@@ -214,7 +233,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
     s = settings
     n_ens = s.ensembles(dim)
     w_ens = s.n_walkers // n_ens
-    i_mass, i_z = space.index("log_mass"), space.index("redshift")
+    i_mass, i_z, i_dust = space.index("log_mass"), space.index("redshift"), space.index("dust2")
     lo_mass, hi_mass = float(space.lower[i_mass]), float(space.upper[i_mass])
     lo_z, hi_z = float(space.lower[i_z]), float(space.upper[i_z])
 
@@ -268,7 +287,14 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
             _, idx = jax.lax.top_k(score, s.n_walkers)  # distinct candidates, best first
             return phi[idx.reshape(w_ens, n_ens).T.reshape(-1)]  # dealt to the ensembles in turn
         in_bin = zbin[None, :] == jnp.arange(s.n_starts)[:, None]  # (S, K)
-        return phi[jnp.argmax(jnp.where(in_bin, score[None, :], -jnp.inf), axis=1)]
+        best = jnp.argmax(jnp.where(in_bin, score[None, :], -jnp.inf), axis=1)
+        if not s.dust_starts:
+            return phi[best]
+        # a second start per bin on the other branch of the dust-age degeneracy: the best candidate whose dust2
+        # differs from the first start's by more than _DUST_SEPARATION
+        far = jnp.abs(cand[None, :, i_dust] - cand[best, i_dust][:, None]) > _DUST_SEPARATION
+        other = jnp.argmax(jnp.where(in_bin & far, score[None, :], -jnp.inf), axis=1)
+        return phi[jnp.concatenate([best, other])]
 
     def candidate_picks(key, flux, flux_err, mask, field):
         cand = space.from_latent(jax.random.normal(key, (s.n_init * dim,)).reshape(s.n_init, dim))  # (K, dim) physical
@@ -328,25 +354,28 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
             dup = jnp.any(keep & (d2 < dim) & (lp > lp[i]))
             return keep.at[i].set(~dup & jnp.isfinite(lp[i])), None
 
-        keep, _ = jax.lax.scan(merge, jnp.zeros(s.n_starts, bool), order)
+        keep, _ = jax.lax.scan(merge, jnp.zeros(lp.shape[0], bool), order)
         k_c, k_x = jax.random.split(key)
         n = n_ens * w_ens
-        comp = jax.random.categorical(k_c, jnp.where(keep, log_ev, -jnp.inf), shape=(n,))
+        log_w = jnp.where(keep, log_ev, -jnp.inf)
+        comp = jax.random.categorical(k_c, log_w, shape=(n,))
         xi = jax.random.normal(k_x, (n * dim,)).reshape(n, dim)
-        step = s.init_scale * jnp.einsum("nij,nj->ni", evecs[comp], xi / jnp.sqrt(evals[comp]))
-        return modes[comp] + step, modes[comp]
+        sd = 1.0 / jnp.sqrt(evals)
+        step = s.init_scale * jnp.einsum("nij,nj->ni", evecs[comp], xi * sd[comp])
+        return modes[comp] + step, modes[comp], sampler.Mixture(modes, evecs, s.ind_scale * sd, log_w)
 
     def initialise(key, data):
-        """Walker starts (G, n_walkers, dim), latent, ensemble-major."""
+        """Walker starts (G, n_walkers, dim), latent, ensemble-major, and the independence proposal
+        (a :class:`~popflow.sampler.Mixture` per galaxy; None for "top")."""
         k_c, k_l = jax.random.split(key)
         picks = candidate_picks(k_c, *data)
         if s.init == "top":
-            return picks
+            return picks, None
         modes, lp, hess = optimise(picks, data)
         keys = _galaxy_keys(k_l, modes.shape[0])
-        x, fallback = jax.vmap(laplace_one)(keys, modes, lp, hess)
+        x, fallback, mixture = jax.vmap(laplace_one)(keys, modes, lp, hess)
         ok = jnp.isfinite(log_target(x, data)[0])  # a draw outside the domain restarts at its optimum
-        return jnp.where(ok[..., None], x, fallback)
+        return jnp.where(ok[..., None], x, fallback), mixture
 
     def reset_one(key, positions, log_prob):
         """One ensemble: move walkers with log p < median - reset_dlogp onto jittered good walkers; (W, dim)."""
@@ -360,14 +389,14 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         jitter = 0.1 * sd * jax.random.normal(k_jit, (w_ens * dim,)).reshape(w_ens, dim)
         return jnp.where(bad[:, None], positions[donor] + jitter, positions)
 
-    def burn_in(key, state, target, n_rows):
+    def burn_in(key, state, target, n_rows, moves):
         if s.n_burn == 0:
             return state
         seg = s.n_burn // s.burn_stages
 
         def stage(st, i):
             k = jax.random.fold_in(key, i)
-            st, _ = sampler.run(_galaxy_keys(k, n_rows), st, target, seg, thin=seg, a=s.a_stretch, de_prob=s.de_prob)
+            st, _ = sampler.run(_galaxy_keys(k, n_rows), st, target, seg, thin=seg, **moves)
             return st, None
 
         def stage_and_reset(st, i):
@@ -389,14 +418,16 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         flux_err = jnp.where(mask, flux_err, 1.0)
         data = (flux, flux_err, mask, field)
         k_init, k_burn, k_draw = (jax.random.fold_in(key, i) for i in range(3))
-        phi0 = initialise(k_init, data)
+        phi0, mixture = initialise(k_init, data)
         # every ensemble is a row of the sampler's batch: (G * n_ens, w_ens, dim), galaxy-major, with its own data row
         rows = n_gal * n_ens
-        data_e = jax.tree.map(lambda a: jnp.repeat(a, n_ens, axis=0), data)
+        per_row = lambda t: jax.tree.map(lambda a: jnp.repeat(a, n_ens, axis=0), t)  # noqa: E731
+        data_e = per_row(data)
         target = lambda phi: log_target(phi, data_e)  # noqa: E731
+        moves = dict(a=s.a_stretch, de_prob=s.de_prob, mixture=None if mixture is None else per_row(mixture), ind_prob=s.ind_prob)
         state = sampler.init(phi0.reshape(rows, w_ens, dim), target)
-        state = burn_in(k_burn, state, target, rows)
-        _, trace = sampler.run(_galaxy_keys(k_draw, rows), state, target, s.n_draws * s.thin, thin=s.thin, a=s.a_stretch, de_prob=s.de_prob)
+        state = burn_in(k_burn, state, target, rows, moves)
+        _, trace = sampler.run(_galaxy_keys(k_draw, rows), state, target, s.n_draws * s.thin, thin=s.thin, **moves)
         per_gal = lambda x: x.reshape((n_gal, s.n_walkers) + x.shape[2:])  # noqa: E731
         phi = per_gal(trace.positions)  # (G, n_walkers, n_draws, dim)
         ll, lp_latent = (per_gal(a) for a in trace.aux)

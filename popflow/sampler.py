@@ -3,7 +3,11 @@
 The stretch move of Goodman & Weare (2010), as in emcee (Foreman-Mackey et al.
 2013), optionally mixed with the differential-evolution move of ter Braak
 (2006) (emcee's ``DEMove``; scale 2.38 / sqrt(2 d), and 1 one time in ten to
-jump between modes), written as pure ``init`` / ``step`` / ``run`` functions over arrays and
+jump between modes) and with an independence Metropolis-Hastings move whose
+proposal is a fixed per-galaxy Gaussian mixture (e.g. Laplace approximations
+at the posterior's modes: the move carries walkers between separated modes with
+the right weights, which no move built from the ensemble's own positions can),
+written as pure ``init`` / ``step`` / ``run`` functions over arrays and
 vectorised over galaxies AND walkers: every galaxy g has its own ensemble of
 ``n_walk`` walkers in ``d`` dimensions, and all ensembles move in one call.
 
@@ -34,7 +38,7 @@ import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtri
 
-__all__ = ["EnsembleState", "Trace", "init", "step", "run", "autocorr_time", "ensemble_rhat"]
+__all__ = ["EnsembleState", "Trace", "Mixture", "init", "step", "run", "autocorr_time", "ensemble_rhat"]
 
 
 class EnsembleState(NamedTuple):
@@ -53,6 +57,35 @@ class Trace(NamedTuple):
     log_prob: jax.Array
     aux: Any
     acceptance_rate: jax.Array
+
+
+class Mixture(NamedTuple):
+    """A Gaussian mixture per galaxy, the independence move's proposal.
+
+    ``mean`` (n_gal, S, d); component covariances ``evecs diag(sd^2) evecs^T``
+    with ``evecs`` (n_gal, S, d, d) orthonormal columns and ``sd`` (n_gal, S, d);
+    ``log_weight`` (n_gal, S), unnormalised, ``-inf`` for an unused component.
+    """
+
+    mean: jax.Array
+    evecs: jax.Array
+    sd: jax.Array
+    log_weight: jax.Array
+
+    def log_density(self, x):
+        """Log density up to a constant shared by all points of a galaxy; ``x`` (n_gal, k, d) -> (n_gal, k)."""
+        white = jnp.einsum("gsji,gksj->gksi", self.evecs, x[:, :, None, :] - self.mean[:, None]) / self.sd[:, None]
+        log_comp = self.log_weight[:, None] - jnp.sum(jnp.log(self.sd), axis=-1)[:, None] - 0.5 * jnp.sum(white**2, axis=-1)
+        return jax.nn.logsumexp(log_comp, axis=-1)
+
+    def draw(self, u, noise):
+        """Draws (n_gal, k, d) from uniforms ``u`` (n_gal, k) (the component) and standard normals ``noise`` (n_gal, k, d)."""
+        p = jax.nn.softmax(self.log_weight, axis=-1)
+        comp = jnp.sum(u[..., None] > jnp.cumsum(p, axis=-1)[:, None], axis=-1)
+        last = self.mean.shape[1] - 1 - jnp.argmax((p > 0)[:, ::-1], axis=-1)  # rounding never picks an unused one
+        comp = jnp.minimum(comp, last[:, None])
+        take = lambda a: jnp.take_along_axis(a, comp.reshape(comp.shape + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
+        return take(self.mean) + jnp.einsum("gkij,gkj->gki", take(self.evecs), take(self.sd) * noise)
 
 
 def _evaluate(log_prob_fn: Callable, x):
@@ -81,27 +114,30 @@ class _Moves(NamedTuple):
     j: jax.Array  # (2, h) partner index in the complementary half
     l: jax.Array  # (2, h) second partner (differential evolution), != j
     log_u: jax.Array  # (2, h) log uniforms for the accept step
+    comp: jax.Array  # (2, h) uniforms choosing the mixture component (independence move)
     use_de: jax.Array  # (2,) bool: this half makes a differential-evolution move
+    use_ind: jax.Array  # (2,) bool: this half makes an independence move
     gamma: jax.Array  # (2,) DE scale (gamma0, or 1 for a mode jump)
-    noise: jax.Array  # (2, h, d) DE jitter, standard normal
+    noise: jax.Array  # (2, h, d) standard normal: DE jitter or the independence draw
 
 
-def _draw_moves(key, n_half: int, d: int, a: float, de_prob: float) -> _Moves:
+def _draw_moves(key, n_half: int, d: int, a: float, de_prob: float, ind_prob: float) -> _Moves:
     """One galaxy's random numbers for one step (flat draws: multi-dimensional threefry draws take XLA:CPU ~10x
     longer to compile)."""
     k_u, k_n = jax.random.split(key)
-    u = jax.random.uniform(k_u, (4 * 2 * n_half + 4,))
-    v = u[: 8 * n_half].reshape(4, 2, n_half)
+    u = jax.random.uniform(k_u, (5 * 2 * n_half + 6,))
+    v = u[: 10 * n_half].reshape(5, 2, n_half)
     # inverse CDF of g(z) ∝ 1/sqrt(z) on [1/a, a]: z = ((a - 1) u + 1)^2 / a  (Goodman & Weare 2010, eq. 9)
     z = ((a - 1.0) * v[0] + 1.0) ** 2 / a
     j = jnp.minimum(jnp.floor(v[1] * n_half).astype(jnp.int32), n_half - 1)
     dl = jnp.minimum(jnp.floor(v[2] * (n_half - 1)).astype(jnp.int32), n_half - 2)
     l = (j + 1 + dl) % n_half
-    w = u[8 * n_half :].reshape(2, 2)
+    w = u[10 * n_half :].reshape(3, 2)
     gamma0 = 2.38 / jnp.sqrt(2.0 * d)  # ter Braak (2006); emcee's DEMove default
     gamma = jnp.where(w[1] < 0.1, 1.0, gamma0)  # gamma = 1 one time in ten: jumps between modes (ter Braak 2006)
     noise = jax.random.normal(k_n, (2 * n_half * d,)).reshape(2, n_half, d)
-    return _Moves(z, j, l, jnp.log(v[3]), w[0] < de_prob, gamma, noise)
+    use_ind = w[2] < ind_prob
+    return _Moves(z, j, l, jnp.log(v[3]), v[4], ~use_ind & (w[0] < de_prob), use_ind, gamma, noise)
 
 
 def _tree_where(cond, a, b):
@@ -114,11 +150,11 @@ def _tree_where(cond, a, b):
     return jax.tree.map(sel, a, b)
 
 
-def _half_update(active: EnsembleState, partners, log_prob_fn, mv: _Moves):
+def _half_update(active: EnsembleState, partners, log_prob_fn, mv: _Moves, mixture: Mixture | None):
     """Move the ``active`` half against the complementary half's positions ``partners``.
 
-    ``mv`` fields here have the half axis removed: z, j, l, log_u (n_gal, h); use_de, gamma (n_gal,);
-    noise (n_gal, h, d).
+    ``mv`` fields here have the half axis removed: z, j, l, log_u, comp (n_gal, h); use_de, use_ind,
+    gamma (n_gal,); noise (n_gal, h, d). ``mixture``: the independence proposal (None: no such move).
     """
     d = active.positions.shape[-1]
     x_j = jnp.take_along_axis(partners, mv.j[..., None], axis=1)
@@ -130,6 +166,13 @@ def _half_update(active: EnsembleState, partners, log_prob_fn, mv: _Moves):
     use_de = mv.use_de[:, None]
     proposal = jnp.where(use_de[..., None], de, stretch)
     log_factor = jnp.where(use_de, 0.0, (d - 1) * jnp.log(mv.z))  # the z^(d-1) Jacobian keeps detailed balance
+    if mixture is not None:
+        # independence move: Y ~ q, accepted with min(1, p(Y) q(X_k) / (p(X_k) q(Y)))
+        use_ind = mv.use_ind[:, None]
+        ind = mixture.draw(mv.comp, mv.noise)
+        proposal = jnp.where(use_ind[..., None], ind, proposal)
+        log_q_ratio = mixture.log_density(active.positions) - mixture.log_density(proposal)
+        log_factor = jnp.where(use_ind, log_q_ratio, log_factor)
     logp_new, aux_new = _evaluate(log_prob_fn, proposal)
     log_ratio = log_factor + logp_new - active.log_prob
     accept = mv.log_u < log_ratio
@@ -145,24 +188,29 @@ def _split(state: EnsembleState, lo: int, hi: int) -> EnsembleState:
     return jax.tree.map(lambda x: x[:, lo:hi], state)
 
 
-def step(keys, state: EnsembleState, log_prob_fn: Callable, a: float = 2.0, de_prob: float = 0.0):
+def step(keys, state: EnsembleState, log_prob_fn: Callable, a: float = 2.0, de_prob: float = 0.0,
+         mixture: Mixture | None = None, ind_prob: float = 0.0):
     """One ensemble step: the first half of the walkers moves against the second, then the second
-    against the updated first. Each half-update is a stretch move (scale ``a``), or with probability
-    ``de_prob`` (per galaxy and half) a differential-evolution move. ``keys`` (n_gal,) PRNG keys.
+    against the updated first. Each half-update (per galaxy) is, with probability ``ind_prob``, an
+    independence move with proposal ``mixture``; otherwise, with probability ``de_prob``, a
+    differential-evolution move; otherwise a stretch move (scale ``a``). ``keys`` (n_gal,) PRNG keys.
     Returns ``(new_state, accepted (n_gal, n_walk))``."""
     n_walk, d = state.positions.shape[1:]
     h = n_walk // 2
-    mv = jax.vmap(lambda k: _draw_moves(k, h, d, a, de_prob))(keys)  # leaves (n_gal, 2, ...)
+    if mixture is None:
+        ind_prob = 0.0
+    mv = jax.vmap(lambda k: _draw_moves(k, h, d, a, de_prob, ind_prob))(keys)  # leaves (n_gal, 2, ...)
     half = lambda i: jax.tree.map(lambda x: x[:, i], mv)  # noqa: E731
     first, second = _split(state, 0, h), _split(state, h, n_walk)
-    first, acc1 = _half_update(first, second.positions, log_prob_fn, half(0))
-    second, acc2 = _half_update(second, first.positions, log_prob_fn, half(1))
+    first, acc1 = _half_update(first, second.positions, log_prob_fn, half(0), mixture)
+    second, acc2 = _half_update(second, first.positions, log_prob_fn, half(1), mixture)
     new = jax.tree.map(lambda x, y: jnp.concatenate([x, y], axis=1), first, second)
     return new, jnp.concatenate([acc1, acc2], axis=1)
 
 
-def run(keys, state: EnsembleState, log_prob_fn: Callable, n_steps: int, thin: int = 1, a: float = 2.0, de_prob: float = 0.0):
-    """Run ``n_steps`` steps, keeping every ``thin``-th state. Returns ``(final_state, Trace)``.
+def run(keys, state: EnsembleState, log_prob_fn: Callable, n_steps: int, thin: int = 1, a: float = 2.0, de_prob: float = 0.0,
+        mixture: Mixture | None = None, ind_prob: float = 0.0):
+    """Run ``n_steps`` steps of :func:`step`, keeping every ``thin``-th state. Returns ``(final_state, Trace)``.
 
     ``n_steps`` must be a multiple of ``thin``; ``n_steps // thin`` draws are kept
     (``n_steps = 0`` just returns the state and an empty trace). Step ``t``
@@ -178,7 +226,7 @@ def run(keys, state: EnsembleState, log_prob_fn: Callable, n_steps: int, thin: i
 
     def one(carry, t):
         st, n_acc = carry
-        st, acc = step(fold(keys, t), st, log_prob_fn, a, de_prob)
+        st, acc = step(fold(keys, t), st, log_prob_fn, a, de_prob, mixture, ind_prob)
         return (st, n_acc + acc), None
 
     def block(carry, b):

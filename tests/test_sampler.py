@@ -87,6 +87,47 @@ def test_banana_target_batched_over_100_targets_with_mixed_moves():
     assert abs(np.mean(x2 < 0) - p0) < 5 * math.sqrt(p0 * (1 - p0) / n_eff)
 
 
+def test_independence_move_restores_the_weights_of_separated_modes():
+    """Two well-separated 4-D Gaussian modes with weights 0.3 / 0.7 (sd 1 and 0.5, 12 sd apart) and every walker
+    started in the light one: stretch moves alone never leave it; adding the independence move with a
+    mixture proposal at the modes (deliberately wrong weights 0.5 / 0.5, widths 1.2 x the truth) must give
+    P(mode 2) = 0.7 — the move's acceptance ratio, not the proposal's weights, sets the mode weights."""
+    g, w, d = 50, 16, 4
+    m1, m2 = np.zeros(d), np.full(d, 6.0)
+    s1, s2, w2 = 1.0, 0.5, 0.7
+
+    def log_prob(x):
+        l1 = math.log(1 - w2) - d * math.log(s1) - 0.5 * jnp.sum((x - m1) ** 2, -1) / s1**2
+        l2 = math.log(w2) - d * math.log(s2) - 0.5 * jnp.sum((x - m2) ** 2, -1) / s2**2
+        return jnp.logaddexp(l1, l2)
+
+    eye = np.broadcast_to(np.eye(d), (g, 2, d, d))
+    sd = np.broadcast_to(1.2 * np.array([[s1] * d, [s2] * d]), (g, 2, d))
+    mix = sampler.Mixture(jnp.asarray(np.broadcast_to(np.stack([m1, m2]), (g, 2, d)), jnp.float32), jnp.asarray(eye, jnp.float32),
+                          jnp.asarray(sd, jnp.float32), jnp.zeros((g, 2)))
+    x0 = jnp.asarray(np.random.default_rng(6).normal(size=(g, w, d)), jnp.float32)  # all in mode 1
+
+    @jax.jit
+    def go(x0, ind_prob):
+        st = sampler.init(x0, log_prob)
+        st, _ = sampler.run(_keys(g, 0), st, log_prob, 200, thin=200, mixture=mix, ind_prob=ind_prob)
+        return sampler.run(_keys(g, 1), st, log_prob, 400, thin=4, mixture=mix, ind_prob=ind_prob)[1]
+
+    stuck = np.asarray(go(x0, 0.0).positions)
+    # which mode: the coordinates' mean is 6 of its sd (0.5) from the midpoint 3 in mode 1, 12 in mode 2
+    assert np.mean(stuck.mean(-1) > 3.0) == 0.0  # stretch moves never cross 12 sd of empty space
+    ch = np.asarray(go(x0, 0.3).positions)
+    in2 = (ch.mean(-1) > 3.0).astype(np.float64)
+    tau = float(np.max(sampler.autocorr_time(in2[..., None])))  # worst galaxy, in draws
+    n_eff = in2.size / tau
+    # binomial se from the effective sample size; 5 se keeps the false-alarm rate < 1e-6; equal weights (0.5)
+    # would sit > 20 se away
+    assert abs(in2.mean() - w2) < 5 * math.sqrt(w2 * (1 - w2) / n_eff), (in2.mean(), n_eff)
+    # and within mode 2 the spread is the target's (sd 0.5), not the proposal's (0.6)
+    x2 = ch[..., 1][ch.mean(-1) > 3.0]
+    assert abs(x2.std() - s2) < 5 * s2 / math.sqrt(2 * n_eff * w2)
+
+
 @pytest.mark.parametrize("d", [3, 6])
 def test_stretch_acceptance_includes_the_z_power_d_minus_1_factor(d):
     """On a flat target every stretch proposal is accepted with probability min(1, z^(d-1)), z ~ g(z) on [1/2, 2]."""
