@@ -2,6 +2,7 @@
 
     python benchmarks/prior_accuracy.py [--target gmm16d] [--n 500]
     python benchmarks/prior_accuracy.py --sde-compare [--dim 2] [--steps 3000]
+    python benchmarks/prior_accuracy.py --train-compare [--variants base,uniform] [--steps 10000] [--n 500]
 
 The target's noised marginals are Gaussian mixtures, so its exact score is known in
 closed form (``GaussianMixture.noised_log_prob``). Plugging that score into the same
@@ -18,6 +19,10 @@ All in nats, mean |.| over ``--n`` fresh target draws (latent coordinates).
 ``--sde-compare`` measures VP against sub-VP on the ``--dim`` GMM target: the exact-score
 integrator error per solver (adaptive steps taken), and the error of a network trained
 for ``--steps`` on the same draws under each SDE.
+
+``--train-compare`` trains the 16-D target's network under each training variant in ``TRAIN_VARIANTS``
+(same 400k draws, seed 0, batch 2048, ``--steps``) and prints the network error (net vs the exact score through
+the same Heun-16 rho-2 ODE) and the total error against the exact log-density on ``--n`` fresh draws.
 """
 
 from __future__ import annotations
@@ -42,6 +47,41 @@ SOLVERS = [dict(solver="heun", n_steps=16, rho=1.0), dict(solver="heun", n_steps
 def exact_score(gmm_white, sde):
     """score(z (dim,), t ()) -> (dim,) of the whitened target's noised marginal."""
     return jax.grad(lambda z, t: gmm_white.noised_log_prob(z, sde.alpha(t), sde.std(t)))
+
+
+# training variants of --train-compare: keyword arguments of train_diffusion_prior ("beta_max" builds the SDE)
+TRAIN_VARIANTS = {
+    "likelihood": dict(t_sampling="likelihood", beta_max=20.0),
+    "uniform": dict(t_sampling="uniform", beta_max=20.0),
+    "likelihood-b10": dict(t_sampling="likelihood", beta_max=10.0),
+    "uniform-b10": dict(t_sampling="uniform", beta_max=10.0),
+}
+
+
+def compare_training(names: list[str], steps: int, n: int):
+    """Network and total mean |log p error| (nats) of the 16-D target's prior under each training variant."""
+    from popflow.priors.diffusion import SDE, train_diffusion_prior
+    from train_priors import gmm_space
+
+    dim = 16
+    gmm = gmm_target(dim, seed=dim)
+    train = np.asarray(gmm.sample(jax.random.key(0), 400_000))  # the draws of benchmarks/train_priors.py gmm16d
+    x = np.asarray(gmm.sample(jax.random.key(99), n))
+    truth = np.asarray(gmm.log_prob(x))
+    print(f"16-D GMM, 400k draws, {steps} steps, batch 2048, seed 0; mean |log p error| on {n} fresh draws, Heun-16 rho 2")
+    print(f"{'variant':16s} {'network':>8s} {'total':>8s} {'signed':>8s} {'exact-score ODE':>16s} {'train s':>8s}")
+    for name in names:
+        kw = dict(TRAIN_VARIANTS[name])
+        sde = SDE(beta_max=kw.pop("beta_max"))
+        t0 = time.perf_counter()
+        prior = train_diffusion_prior(train, gmm_space(dim), latent=True, sde=sde, steps=steps, batch_size=2048, progress=False,
+                                      solver=dict(solver="heun", n_steps=16, rho=2.0), **kw)
+        secs = time.perf_counter() - t0
+        score = exact_score(gmm.affine(prior.whiten, prior.shift), sde)
+        le = np.asarray(jax.jit(lambda zz: ode_log_prob(score, sde, zz, **prior.solver))(prior.to_white(x))) + prior.log_det_whiten
+        ln = np.asarray(jax.jit(prior.log_prob_latent)(x))
+        print(f"{name:16s} {np.mean(np.abs(ln - le)):8.4f} {np.mean(np.abs(ln - truth)):8.4f} {np.mean(ln - truth):+8.4f} "
+              f"{np.mean(np.abs(le - truth)):16.4f} {secs:8.0f}", flush=True)
 
 
 def label(sv: dict) -> str:
@@ -83,13 +123,17 @@ def compare_sdes(dim: int, n: int, steps: int):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sde-compare", action="store_true")
-    ap.add_argument("--steps", type=int, default=3000, help="--sde-compare: training steps per SDE")
+    ap.add_argument("--steps", type=int, default=3000, help="--sde-compare / --train-compare: training steps per run")
+    ap.add_argument("--train-compare", action="store_true")
+    ap.add_argument("--variants", default=",".join(TRAIN_VARIANTS), help=f"--train-compare: comma-separated, from {', '.join(TRAIN_VARIANTS)}")
     ap.add_argument("--target", default="gmm16d", help="a folder under tests/data/priors (gmm2d, gmm16d) or a prior folder")
     ap.add_argument("--dim", type=int, default=None, help="GMM dimension (default: the prior's)")
     ap.add_argument("--n", type=int, default=500)
     args = ap.parse_args()
     if args.sde_compare:
         return compare_sdes(args.dim or 2, args.n, args.steps)
+    if args.train_compare:
+        return compare_training(args.variants.split(","), args.steps, args.n)
     path = ROOT / "tests" / "data" / "priors" / args.target
     prior = load_prior(path if path.is_dir() else args.target)
     dim = args.dim or prior.space.dim

@@ -52,6 +52,9 @@ def main():
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--depth", type=int, default=3)
     ap.add_argument("--sde", choices=["vp", "subvp"], default="vp")
+    ap.add_argument("--beta-max", type=float, default=10.0, help="SDE beta(t = 1) (20 before 2026-12-02)")
+    ap.add_argument("--t-sampling", choices=["uniform", "likelihood"], default="uniform",
+                    help="diffusion-time sampling of the DSM loss (likelihood before 2026-12-02)")
     ap.add_argument("--n-samples", type=int, default=400_000, help="GMM targets: training draws")
     ap.add_argument("--out", default=None, help="output folder (default: the shipped location)")
     ap.add_argument("--init", default=None, help="fine-tune this diffusion prior folder instead of starting from scratch")
@@ -61,7 +64,8 @@ def main():
     key = jax.random.key(0)
     solver = dict(solver="heun", n_steps=args.n_steps, rho=args.rho)
     init = load_prior(args.init).with_solver(**solver) if args.init else None
-    train_kw = dict(learning_rate=args.lr, solver=solver, init=init, depth=args.depth, sde=SDE(args.sde))
+    train_kw = dict(learning_rate=args.lr, solver=solver, init=init, depth=args.depth, sde=SDE(args.sde, beta_max=args.beta_max),
+                    t_sampling=args.t_sampling)
     if args.target == "distill":
         teacher = load_prior("analytic-diffusion")
         out = ROOT / "popflow" / "models" / "priors" / "analytic-flow"
@@ -75,10 +79,10 @@ def main():
         gmm, space = gmm_target(dim, seed=dim), gmm_space(dim)
         x = np.asarray(gmm.sample(key, args.n_samples))
         out = Path(args.out) if args.out else ROOT / "tests" / "data" / "priors" / args.target
-        steps = args.steps or (10_000 if dim == 2 else 30_000)
+        steps = args.steps or (10_000 if dim == 2 else 15_000)
         t0 = time.time()
         prior = load_prior(out).with_solver(**solver) if args.evaluate else train_diffusion_prior(
-            x, space, latent=True, steps=steps, width=args.width, batch_size=args.batch_size or (1024 if dim == 2 else 2048), out=out,
+            x, space, latent=True, steps=steps, width=args.width, batch_size=args.batch_size or (1024 if dim == 2 else 8192), out=out,
             checkpoint_every=500, source=f"popflow.priors.gmm.gmm_target({dim}, seed={dim}) latent draws", **train_kw)
         print(f"{'loaded' if args.evaluate else 'trained'} {args.target} in {time.time() - t0:.0f} s: {prior.info['training']}")
         xt = np.asarray(gmm.sample(jax.random.key(99), 2000))

@@ -229,7 +229,8 @@ def _cmd_prior_train(args) -> int:
 
     theta = read_samples(args.samples, DEFAULT_SPACE, max_samples=args.max_samples, seed=args.seed)
     print(f"popflow prior train: {len(theta)} samples from {args.samples}")
-    prior = train_diffusion_prior(theta, DEFAULT_SPACE, sde=SDE(args.sde), width=args.width, depth=args.depth, steps=args.steps,
+    prior = train_diffusion_prior(theta, DEFAULT_SPACE, sde=SDE(args.sde, beta_max=args.beta_max), width=args.width,
+                                  depth=args.depth, steps=args.steps,
                                   batch_size=args.batch_size, learning_rate=args.learning_rate, t_sampling=args.t_sampling,
                                   seed=args.seed, out=args.out, source=f"{len(theta)} samples from {args.samples}",
                                   solver=dict(solver="heun", n_steps=args.n_steps))
@@ -394,7 +395,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--batch-size", type=int, default=2048)
     q.add_argument("--learning-rate", type=float, default=2e-3, help="peak learning rate (cosine decay)")
     q.add_argument("--sde", default="vp", choices=["vp", "subvp"])
-    q.add_argument("--t-sampling", default="likelihood", choices=["likelihood", "uniform"], help="diffusion-time sampling of the loss")
+    q.add_argument("--beta-max", type=float, default=10.0, help="SDE beta(t = 1) (default: 10; 20 before 2026-12-02)")
+    q.add_argument("--t-sampling", default="uniform", choices=["uniform", "likelihood"],
+                   help="diffusion-time sampling of the loss: uniform (weighting std^2, default) or likelihood (g^2)")
     q.add_argument("--n-steps", type=int, default=16, help="Heun steps of the stored log-density solver (default: 16)")
     q.add_argument("--max-samples", type=int, default=None, help="train on a random subset of this many samples")
     q.add_argument("--distill", default=None, metavar="DIR", help="also distil a fast flow prior into DIR")
