@@ -1,8 +1,9 @@
 """Recovery and calibration on mock galaxies made with the fit's own forward model.
 
-    python benchmarks/mock_recovery.py [--n-gal 500] [--seed 7] [--walkers 64] [--ensembles 2] [--burn 400]
-                                       [--draws 32] [--thin 16] [--init laplace|top] [--init-scale 2]
-                                       [--ind-prob 0.2] [--ind-scale 1] [--starts 8] [--n-init 2048] [--newton 40]
+    python benchmarks/mock_recovery.py [--n-gal 500] [--seed 7] [--walkers 64] [--ensembles 2] [--burn 800]
+                                       [--draws 32] [--thin 12] [--init laplace|top] [--init-scale 2]
+                                       [--ind-prob 0.2] [--ind-scale 1] [--starts 8] [--n-init 16384] [--newton 40]
+                                       [--no-dust-starts] [--tempered-fraction 0.5] [--beta 0.3]
                                        [--save out.npz]
 
 Defaults are :class:`popflow.fit.FitSettings`'s.
@@ -60,6 +61,8 @@ def main(argv=None):
     ap.add_argument("--starts", type=int, default=FitSettings.n_starts)
     ap.add_argument("--n-init", type=int, default=FitSettings.n_init)
     ap.add_argument("--no-dust-starts", action="store_true")
+    ap.add_argument("--tempered-fraction", type=float, default=FitSettings.tempered_fraction)
+    ap.add_argument("--beta", type=float, default=FitSettings.beta)
     ap.add_argument("--newton", type=int, default=FitSettings.n_newton)
     ap.add_argument("--save", default=None, help="write the fit outputs and the truths to this .npz")
     a = ap.parse_args(argv)
@@ -76,9 +79,10 @@ def main(argv=None):
     mask = np.ones(flux.shape, bool)
     base = FitSettings()
     settings = FitSettings(n_walkers=a.walkers, n_ensembles=a.ensembles if a.ensembles else base.n_ensembles, n_burn=a.burn,
-                           burn_stages=a.burn_stages if a.burn % a.burn_stages == 0 else 1, n_draws=a.draws, thin=a.thin,
+                           burn_stages=a.burn_stages, n_draws=a.draws, thin=a.thin,
                            init=a.init, init_scale=a.init_scale, ind_prob=a.ind_prob, ind_scale=a.ind_scale,
-                           n_starts=a.starts, n_init=a.n_init, n_newton=a.newton, dust_starts=not a.no_dust_starts)
+                           n_starts=a.starts, n_init=a.n_init, n_newton=a.newton, dust_starts=not a.no_dust_starts,
+                           tempered_fraction=a.tempered_fraction, beta=a.beta)
     flux, err = flux.astype(np.float32), err.astype(np.float32)
     dm.validate(flux, err, mask, None, where="mock_recovery")
     kernel = _cached_kernel(emu, prior, dm, settings)

@@ -32,7 +32,7 @@ DEMO_CHUNK = 100
 def demo_settings():
     """The demo's sampler settings: the defaults' init ("laplace", with its independence moves) and convergence
     criterion, cheaper: 56 walkers in 2 ensembles of 28 (the 2 x dim minimum), 4 redshift bins x 2 dust starts x 20
-    Newton steps, 400 burn-in steps, 32 draws thinned by 8 (56 x 656 = 36,736 posterior evaluations per galaxy, about
+    Newton steps, 400 burn-in steps (the first 200 tempered), 32 draws thinned by 8 (56 x 656 = 36,736 posterior evaluations per galaxy, about
     half the defaults' 75,776)."""
     from popflow.fit import FitSettings
 

@@ -127,7 +127,12 @@ def test_settings_validation_and_round_trip():
     with pytest.raises(ValueError, match="init"):
         FitSettings(init="nope")
     with pytest.raises(ValueError, match="burn_stages"):
-        FitSettings(n_burn=1000, burn_stages=3)
+        FitSettings(n_burn=1000, burn_stages=3)  # 500 untempered steps do not split into 3 stages
+    assert FitSettings(n_burn=900, burn_stages=3, tempered_fraction=1 / 3).n_tempered == 300
+    with pytest.raises(ValueError, match="tempered_fraction"):
+        FitSettings(tempered_fraction=1.0)
+    with pytest.raises(ValueError, match="beta"):
+        FitSettings(beta=0.0)
     with pytest.raises(ValueError, match="2 x dim"):
         fit_mod.make_fit_kernel(EMU, PRIOR, DM, FitSettings(n_walkers=20))
     with pytest.raises(ValueError, match="2 x dim"):  # 2 ensembles of 14 walkers in 14 dimensions
