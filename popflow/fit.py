@@ -451,7 +451,10 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         phi0 = phi0.reshape(rows, w_ens, dim)
         if s.n_tempered:
             # a tempered phase (likelihood^beta) lets the walkers spread along the degeneracies first
-            tempered = lambda phi: (lambda lp, aux: (lp - (1.0 - s.beta) * aux[0], aux))(*target(phi))  # noqa: E731
+            def tempered(phi):
+                _, (ll, lp) = target(phi)
+                return s.beta * ll + lp, (ll, lp)
+
             st, _ = sampler.run(_galaxy_keys(jax.random.fold_in(k_burn, 99), rows), sampler.init(phi0, tempered), tempered,
                                 s.n_tempered, thin=s.n_tempered, **moves)
             phi0 = st.positions
