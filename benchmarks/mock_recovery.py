@@ -3,7 +3,7 @@
     python benchmarks/mock_recovery.py [--n-gal 500] [--seed 7] [--walkers 64] [--ensembles 2] [--burn 800]
                                        [--draws 32] [--thin 12] [--init laplace|top] [--init-scale 2]
                                        [--ind-prob 0.2] [--ind-scale 1] [--starts 8] [--n-init 16384] [--newton 40]
-                                       [--no-dust-starts] [--tempered-fraction 0.5] [--beta 0.3]
+                                       [--no-dust-starts] [--no-mass-anchor] [--tempered-fraction 0.5] [--beta 0.3]
                                        [--save out.npz]
 
 Defaults are :class:`popflow.fit.FitSettings`'s.
@@ -61,6 +61,7 @@ def main(argv=None):
     ap.add_argument("--starts", type=int, default=FitSettings.n_starts)
     ap.add_argument("--n-init", type=int, default=FitSettings.n_init)
     ap.add_argument("--no-dust-starts", action="store_true")
+    ap.add_argument("--no-mass-anchor", action="store_true", help="sample the latent log_mass, not the flux-anchored mass")
     ap.add_argument("--tempered-fraction", type=float, default=FitSettings.tempered_fraction)
     ap.add_argument("--beta", type=float, default=FitSettings.beta)
     ap.add_argument("--newton", type=int, default=FitSettings.n_newton)
@@ -82,7 +83,7 @@ def main(argv=None):
                            burn_stages=a.burn_stages, n_draws=a.draws, thin=a.thin,
                            init=a.init, init_scale=a.init_scale, ind_prob=a.ind_prob, ind_scale=a.ind_scale,
                            n_starts=a.starts, n_init=a.n_init, n_newton=a.newton, dust_starts=not a.no_dust_starts,
-                           tempered_fraction=a.tempered_fraction, beta=a.beta)
+                           tempered_fraction=a.tempered_fraction, beta=a.beta, mass_anchor=not a.no_mass_anchor)
     flux, err = flux.astype(np.float32), err.astype(np.float32)
     dm.validate(flux, err, mask, None, where="mock_recovery")
     kernel = _cached_kernel(emu, prior, dm, settings)

@@ -16,7 +16,11 @@ with the data set's shipped emulator, runs in two variants:
 - "as shipped": unit zero points, the emulator's measured error floor, AnalyticPrior (uniform z);
 - "calibrated": ``popflow.calibrate.calibrate`` on ``--n-calib`` training galaxies (zero points
   and floors at z_spec), and the AnalyticPrior with an n(z) fitted to the training redshifts
-  (:func:`popflow.calibrate.nz_from_redshifts`; the peers train on the same redshifts).
+  (:func:`popflow.calibrate.nz_from_redshifts`; the peers train on the same redshifts);
+- "population": the calibrated data model and a population prior learned from the training part
+  (:func:`population_prior`: popflow's fits of ``--n-pop`` training galaxies under the calibrated
+  variant's prior, a diffusion prior trained on their pooled draws, and its distilled flow, the
+  diffusion prior's fast path, in the fit).
 
 The per-band diagnostics (data errors, emulator error, zero points, floors) are printed with
 each table. Timings per galaxy are wall-clock on this machine; popflow's include the JIT compile.
@@ -126,11 +130,50 @@ def run_peers(name, train, test, work, methods, filter_path):
             or (k.startswith("Flex") and "fzb" in methods)}
 
 
-VARIANTS = ("shipped", "calibrated")
+VARIANTS = ("shipped", "calibrated", "population")
 
 
-def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIANTS, log=print):
-    """Fit the test subset as shipped and calibrated (module docstring); returns (rows, diagnostics)."""
+def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dict, seed: int, n_pop: int, log=print):
+    """A population prior learned from ``n_pop`` training galaxies; returns (flow prior, seconds to build).
+
+    The galaxies are fitted by popflow under ``base_prior``; their pooled posterior draws are one EM step from
+    ``base_prior`` toward the population's distribution (the mean of the posteriors is the EM update of a free-form
+    population density). A diffusion prior is trained on them and distilled into a flow, the diffusion prior's fast
+    path. Every stage is cached in ``wd`` (the fit resumes), so a rerun costs nothing.
+    """
+    import jax
+
+    from popflow.fit import FitSettings
+    from popflow.pipeline import fit_catalog
+    from popflow.priors import distill, load_prior, train_diffusion_prior
+    from popflow.priors.samples import read_samples
+
+    tag = wd / f"population_{n_pop}_{seed}"
+    flow_dir, diffusion_dir, record = Path(f"{tag}_flow"), Path(f"{tag}_diffusion"), Path(f"{tag}.json")
+    if (flow_dir / "model.json").exists() and record.exists():
+        return load_prior(flow_dir), json.loads(record.read_text())["seconds"]
+    t0 = time.perf_counter()
+    rows = np.sort(np.random.default_rng(seed + 2).choice(train.sizes["galaxy"], min(n_pop, train.sizes["galaxy"]), replace=False))
+    catalog, fits = Path(f"{tag}_catalog.zarr"), Path(f"{tag}_fits.zarr")
+    if not catalog.exists():
+        train.isel(galaxy=rows).chunk({"galaxy": 1000}).to_zarr(catalog, consolidated=False)
+    fit_catalog(catalog, fits, emulator=DATASETS[name]["emulator"], prior=base_prior, datamodel=datamodel,
+                settings=FitSettings(**settings), seed=seed, workers=1, progress=False, log=log)
+    theta = read_samples(fits, base_prior.space)
+    log(f"population prior: {len(theta)} pooled draws of {rows.size} training galaxies; training the diffusion prior")
+    teacher = train_diffusion_prior(theta, base_prior.space, batch_size=2048, seed=seed, out=diffusion_dir, progress=False,
+                                    source=f"pooled popflow posterior draws of {rows.size} {name} training galaxies")
+    teacher.save(diffusion_dir)
+    flow = distill(teacher, jax.random.key(seed), progress=False)
+    flow.save(flow_dir)
+    seconds = time.perf_counter() - t0
+    record.write_text(json.dumps({"seconds": seconds, "n_galaxies": int(rows.size), "n_draws": int(len(theta)),
+                                  "diffusion": teacher.info, "flow": flow.info}, indent=1, default=float))
+    return flow, seconds
+
+
+def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIANTS, n_pop=1000, log=print):
+    """Fit the test subset in each variant (module docstring); returns (rows, diagnostics)."""
     import jax
 
     from popflow.calibrate import calibrate, nz_from_redshifts, save_datamodel
@@ -157,14 +200,18 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
                                prior=AnalyticPrior(space=emu.space), log=log)
         t_cal = time.perf_counter() - t0
         save_datamodel(dm_path, dm, {"filters": list(train.attrs["filters"]), "calibration": report, "seconds": t_cal})
+    calibrated_prior = AnalyticPrior(space=emu.space, nz=nz_from_redshifts(ztr))
     runs = {
-        "shipped": ("as shipped: unit zero points, emulator floor, uniform z", DataModel.from_emulator(emu), AnalyticPrior(space=emu.space), 0.0),
-        "calibrated": ("calibrated zero points + floors, training n(z)", dm, AnalyticPrior(space=emu.space, nz=nz_from_redshifts(ztr)), t_cal),
+        "shipped": lambda: ("as shipped: unit zero points, emulator floor, uniform z", DataModel.from_emulator(emu),
+                            AnalyticPrior(space=emu.space), 0.0),
+        "calibrated": lambda: ("calibrated zero points + floors, training n(z)", dm, calibrated_prior, t_cal),
+        "population": lambda: (f"calibrated + population prior from {n_pop} training fits", dm,
+                               *population_prior(name, train, wd, dm, calibrated_prior, settings, seed, n_pop, log)),
     }
     out = {}
     for v in variants:
         i = VARIANTS.index(v)
-        label, datamodel, prior, t_train = runs[v]
+        label, datamodel, prior, t_train = runs[v]()
         post = wd / f"posterior_{i}.zarr"
         r = fit_catalog(test_store, post, emulator=DATASETS[name]["emulator"], prior=prior, datamodel=datamodel, settings=FitSettings(**settings),
                         seed=seed, workers=1, overwrite=True, progress=False, log=log)
@@ -233,6 +280,7 @@ def main(argv=None) -> int:
     ap.add_argument("--popflow", action="store_true", help="also run popflow (as shipped and calibrated)")
     ap.add_argument("--n-calib", type=int, default=400, help="training galaxies for popflow calibrate")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="popflow runs (module docstring)")
+    ap.add_argument("--n-pop", type=int, default=1000, help="training galaxies fitted for the population prior")
     ap.add_argument("--walkers", type=int, default=32)
     ap.add_argument("--burn", type=int, default=400)
     ap.add_argument("--draws", type=int, default=32)
@@ -256,7 +304,7 @@ def main(argv=None) -> int:
         rows = run_peers(name, train, test, args.work, args.peers, filter_path)
         note = ""
         if args.popflow:
-            pf, diag = run_popflow(name, train, test, args.work, args.n_calib, args.seed, settings, args.variants)
+            pf, diag = run_popflow(name, train, test, args.work, args.n_calib, args.seed, settings, args.variants, args.n_pop)
             rows |= pf
             note = (f"popflow: emulator `{DATASETS[name]['emulator']}`, AnalyticPrior, FitSettings({', '.join(f'{k}={v}' for k, v in settings.items())}), "
                     f"calibrated on {diag['n_calib']} training galaxies; point estimate = median of the redshift draws.\n\n")

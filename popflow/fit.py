@@ -10,6 +10,24 @@ with the emulator's magnitudes turned into nJy fluxes
 likelihood and the prior's latent density (so the Jacobian of the transform is
 included). Points outside the emulator's domain have zero density.
 
+The sampler does not move in ``phi`` itself but in ``psi``, where log_mass's
+latent coordinate is replaced by the flux-anchored mass (``mass_anchor``,
+default on)
+
+    A = log_mass - 0.4 sum_b w_b m_b(theta; log_mass = 0),
+
+the galaxy's mass minus its weighted mean unit-mass magnitude over -2.5, with
+``w_b`` the galaxy's inverse magnitude variances (error floor included,
+normalised to 1). The data fix ``A`` to the photometric precision whatever the
+age, dust and redshift, so the mass-to-light degeneracy, a curved ridge in
+``phi`` along which stretch moves crawl, becomes a straight valley at constant
+``A``: moving the SED parameters at fixed ``A`` rescales the mass with them. The
+map ``psi -> phi`` keeps every other coordinate and is triangular with
+``d log_mass / d A = 1``, so the target in ``psi`` is the posterior above plus
+``log |d phi_mass / d log_mass|``; it costs the same single emulator call
+(magnitudes at the middle of the mass box, shifted exactly). Everything the
+fit returns is in ``theta``; the diagnostics use ``phi``.
+
 Each galaxy gets ``n_ensembles`` independent ensembles of
 ``n_walkers / n_ensembles`` walkers (:mod:`popflow.sampler`); all ensembles of
 all galaxies of the chunk move in one call. The outputs keep one ``chain``
@@ -79,10 +97,10 @@ of a few ``tau``. The defaults (2 ensembles of 32 walkers, Laplace init from
 16,384 candidates and 8 x 2 starts, independence moves in 20 % of the
 half-steps, 800 burn-in steps, 32 draws thinned by 12: 75,776 posterior
 evaluations per galaxy plus the init) were chosen on lsst mocks against "top"
-init, wider / more walkers, HMC sweeps and other independence-move settings;
-they are not yet calibrated (intervals too narrow, log_mass's most: the
-walkers spread slowly along the mass-age-dust ridge), and ``converged`` does
-not single out better-calibrated galaxies. Measured figures are in
+init, wider / more walkers, HMC sweeps and other independence-move settings.
+With the anchored mass they are calibrated on 500 lsst mocks (68 / 95 %
+coverage of redshift 0.69 / 0.96 and of log_mass 0.66 / 0.95; 95 % of the
+galaxies flagged converged, tau ~35 steps). Measured figures are in
 BENCHMARKS.md ("Per-galaxy inference").
 """
 
@@ -95,6 +113,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.scipy.special import ndtri
+from jax.scipy.stats import norm
 
 from popflow import sampler
 from popflow.datamodel import DataModel
@@ -105,6 +124,7 @@ INIT_STRATEGIES = ("laplace", "top")
 _INIT_BATCH = 32  # galaxies scored at once at initialisation: bounds memory at 32 x n_init x dim
 _U_TINY = 1e-6  # probit argument kept in [1e-6, 1 - 1e-6]: |phi| <= 4.75, finite in float32
 _DUST_SEPARATION = 0.5  # dust2 (optical depth) between the two starts of a redshift bin (``dust_starts``)
+_ANCHOR_MIN_WEIGHT = 1e-3  # anchor weight (S/N^2 units) of a band without positive flux: defined even then
 _MIN_PRECISION = 1.0  # Laplace init: eigenvalues of -Hessian floored here (latent sd <= 1, the prior's own width)
 
 
@@ -135,6 +155,8 @@ class FitSettings:
     whose Gaussians' widths are multiplied by ind_scale; de_prob: otherwise,
     probability of a differential-evolution move instead of a stretch move
     (each per ensemble, half and step).
+    mass_anchor: sample in the flux-anchored mass coordinate (module
+    docstring) instead of the latent log_mass.
     tau_factor, rhat_max: the convergence criterion (module docstring).
     """
 
@@ -157,6 +179,7 @@ class FitSettings:
     de_prob: float = 0.5
     ind_prob: float = 0.2
     ind_scale: float = 1.0
+    mass_anchor: bool = True
     tau_factor: float = 10.0
     rhat_max: float = 1.05
 
@@ -259,6 +282,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
     i_mass, i_z, i_dust = space.index("log_mass"), space.index("redshift"), space.index("dust2")
     lo_mass, hi_mass = float(space.lower[i_mass]), float(space.upper[i_mass])
     lo_z, hi_z = float(space.lower[i_z]), float(space.upper[i_z])
+    mid_mass = 0.5 * (lo_mass + hi_mass)  # from_latent's log_mass at latent 0
 
     def sym(h):
         return 0.5 * (h + jnp.swapaxes(h, -1, -2))
@@ -267,26 +291,56 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         u = (theta - space.lower) / (space.upper - space.lower)
         return ndtri(jnp.clip(u, _U_TINY, 1.0 - _U_TINY))
 
-    def log_like(theta, flux, flux_err, mask, field):
-        """theta (G, k, dim) physical; data (G, n_band) -> (G, k), -inf outside the emulator's domain."""
-        model = mag_to_njy(emulator.magnitudes(theta))
-        f = None if field is None else field[:, None]
-        ll = datamodel.log_likelihood(model, flux[:, None], flux_err[:, None], mask[:, None], f)
-        ok = emulator.in_domain(theta) & jnp.isfinite(ll)
-        return jnp.where(ok, ll, -jnp.inf)
+    def anchor_weights(flux, flux_err, mask):
+        """Band weights (G, B) of the anchored magnitude, summing to 1: inverse magnitude variances, floor included."""
+        f = jnp.maximum(flux, 0.0)
+        floor = jnp.asarray(datamodel.error_floor, jnp.float32)
+        w = jnp.where(mask, f**2 / (flux_err**2 + (floor * f) ** 2) + _ANCHOR_MIN_WEIGHT, 0.0)
+        return w / jnp.maximum(jnp.sum(w, axis=-1, keepdims=True), 1e-30)
 
-    def log_target(phi, data):
-        theta = space.from_latent(phi)
-        ll = log_like(theta, *data)
+    def unit_magnitudes(phi):
+        """Magnitudes at the box's middle log_mass, whatever phi's; (G, k, dim) -> (G, k, B)."""
+        return emulator.magnitudes(space.from_latent(phi.at[..., i_mass].set(0.0)))
+
+    def encode(phi, weights):
+        """Latent phi (G, k, dim) -> the sampler's coordinates psi (module docstring)."""
+        if not s.mass_anchor:
+            return phi
+        log_mass = space.from_latent(phi)[..., i_mass]
+        anchor = log_mass - mid_mass - 0.4 * jnp.sum(weights[:, None] * unit_magnitudes(phi), axis=-1)
+        return phi.at[..., i_mass].set(anchor)
+
+    def decode(psi, weights):
+        """The sampler's coordinates psi (G, k, dim) -> latent phi, magnitudes (G, k, B), log |d phi / d psi| (G, k)
+        and whether log_mass lies inside the box (G, k); one emulator call."""
+        if not s.mass_anchor:
+            return psi, emulator.magnitudes(space.from_latent(psi)), 0.0, True
+        m_mid = unit_magnitudes(psi)
+        log_mass = psi[..., i_mass] + mid_mass + 0.4 * jnp.sum(weights[:, None] * m_mid, axis=-1)
+        u = (log_mass - lo_mass) / (hi_mass - lo_mass)
+        phi_mass = ndtri(jnp.clip(u, _U_TINY, 1.0 - _U_TINY))
+        log_det = -np.log(hi_mass - lo_mass) - norm.logpdf(phi_mass)  # d phi_mass / d log_mass; d log_mass / d anchor = 1
+        mags = m_mid - 2.5 * (log_mass - mid_mass)[..., None]  # exact mass scaling
+        return psi.at[..., i_mass].set(phi_mass), mags, log_det, (u > 0.0) & (u < 1.0)
+
+    def log_like(mags, flux, flux_err, mask, field):
+        """Magnitudes (G, k, B), data (G, B) -> (G, k)."""
+        f = None if field is None else field[:, None]
+        return datamodel.log_likelihood(mag_to_njy(mags), flux[:, None], flux_err[:, None], mask[:, None], f)
+
+    def log_target(psi, data):
+        """Log posterior in the sampler's coordinates (G, k, dim) -> (G, k), -inf outside the emulator's domain;
+        aux: log-likelihood, physical log prior, latent phi."""
+        phi, mags, log_det, inside = decode(psi, data[-1])
+        ll = log_like(mags, *data[:-1])
         lp = prior.log_prob_latent(phi)
-        return ll + lp, (ll, lp)
+        ok = inside & emulator.in_domain(space.from_latent(phi)) & jnp.isfinite(ll)
+        return jnp.where(ok, ll + lp + log_det, -jnp.inf), (ll, lp - space.log_jacobian(phi), phi)
 
-    def smooth_target(phi, data):
+    def smooth_target(psi, data):
         """The log posterior without the domain cut, for gradients (G, k, dim) -> (G, k)."""
-        flux, flux_err, mask, field = data
-        model = mag_to_njy(emulator.magnitudes(space.from_latent(phi)))
-        f = None if field is None else field[:, None]
-        return datamodel.log_likelihood(model, flux[:, None], flux_err[:, None], mask[:, None], f) + prior.log_prob_latent(phi)
+        phi, mags, log_det, _ = decode(psi, data[-1])
+        return log_like(mags, *data[:-1]) + prior.log_prob_latent(phi) + log_det
 
     def score_one(unit, cand, flux, flux_err, mask, field):
         """One galaxy's candidates, mass set to the best flux amplitude: latent (K, dim) and log posterior (K,)."""
@@ -329,13 +383,13 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         return jax.lax.map(per_gal, (flux, flux_err, mask, fld), batch_size=_INIT_BATCH)
 
     def point(fn):
-        """fn(phi (G, k, dim), data) -> (G, k) as a function of one point (dim,) and one galaxy's data."""
+        """fn(psi (G, k, dim), data) -> (G, k) as a function of one point (dim,) and one galaxy's data."""
         return lambda x, d: fn(x[None, None], jax.tree.map(lambda a: a[None], d))[0, 0]
 
     smooth_hess = jax.vmap(jax.vmap(jax.hessian(point(smooth_target)), in_axes=(0, None)))  # (G, S, dim, dim)
     smooth_grad = jax.vmap(jax.vmap(jax.grad(point(smooth_target)), in_axes=(0, None)))
 
-    def optimise(phi, data):
+    def optimise(psi, data):
         """n_newton damped Newton (Levenberg-Marquardt) steps on every start (G, S, dim).
 
         The step solves ``(A + lam I) dx = grad`` with ``A`` the negative Hessian, its
@@ -355,8 +409,8 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
             return (jnp.where(better[..., None], x_new, x), jnp.where(better, lp_new, lp),
                     jnp.where(better, lam / 3.0, lam * 10.0)), None
 
-        lp0 = lp_fn(phi)
-        carry = (phi, jnp.where(jnp.isnan(lp0), -jnp.inf, lp0), jnp.ones(phi.shape[:2]))
+        lp0 = lp_fn(psi)
+        carry = (psi, jnp.where(jnp.isnan(lp0), -jnp.inf, lp0), jnp.ones(psi.shape[:2]))
         (x, lp, _), _ = jax.lax.scan(body, carry, None, length=s.n_newton)
         return x, lp, jnp.nan_to_num(smooth_hess(x, data))
 
@@ -391,7 +445,8 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         """Walker starts (G, n_walkers, dim), latent, ensemble-major, and the independence proposal
         (a :class:`~popflow.sampler.Mixture` per galaxy; None for "top")."""
         k_c, k_l = jax.random.split(key)
-        picks = candidate_picks(k_c, *data)
+        picks = candidate_picks(k_c, *data[:-1])
+        picks = encode(picks, data[-1])
         if s.init == "top":
             return picks, None
         modes, lp, hess = optimise(picks, data)
@@ -439,31 +494,30 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         # masked entries (NaN allowed there) become finite dummies; a galaxy with no usable band samples its prior
         flux = jnp.where(mask, flux, 0.0)
         flux_err = jnp.where(mask, flux_err, 1.0)
-        data = (flux, flux_err, mask, field)
+        data = (flux, flux_err, mask, field, anchor_weights(flux, flux_err, mask))
         k_init, k_burn, k_draw = (jax.random.fold_in(key, i) for i in range(3))
-        phi0, mixture = initialise(k_init, data)
+        psi0, mixture = initialise(k_init, data)
         # every ensemble is a row of the sampler's batch: (G * n_ens, w_ens, dim), galaxy-major, with its own data row
         rows = n_gal * n_ens
         per_row = lambda t: jax.tree.map(lambda a: jnp.repeat(a, n_ens, axis=0), t)  # noqa: E731
         data_e = per_row(data)
-        target = lambda phi: log_target(phi, data_e)  # noqa: E731
+        target = lambda psi: log_target(psi, data_e)  # noqa: E731
         moves = dict(a=s.a_stretch, de_prob=s.de_prob, mixture=None if mixture is None else per_row(mixture), ind_prob=s.ind_prob)
-        phi0 = phi0.reshape(rows, w_ens, dim)
+        psi0 = psi0.reshape(rows, w_ens, dim)
         if s.n_tempered:
             # a tempered phase (likelihood^beta) lets the walkers spread along the degeneracies first
-            def tempered(phi):
-                _, (ll, lp) = target(phi)
-                return s.beta * ll + lp, (ll, lp)
+            def tempered(psi):
+                lt, aux = target(psi)
+                return jnp.where(jnp.isfinite(lt), lt - (1.0 - s.beta) * aux[0], -jnp.inf), aux
 
-            st, _ = sampler.run(_galaxy_keys(jax.random.fold_in(k_burn, 99), rows), sampler.init(phi0, tempered), tempered,
+            st, _ = sampler.run(_galaxy_keys(jax.random.fold_in(k_burn, 99), rows), sampler.init(psi0, tempered), tempered,
                                 s.n_tempered, thin=s.n_tempered, **moves)
-            phi0 = st.positions
-        state = sampler.init(phi0, target)
+            psi0 = st.positions
+        state = sampler.init(psi0, target)
         state = burn_in(k_burn, state, target, rows, moves)
         _, trace = sampler.run(_galaxy_keys(k_draw, rows), state, target, s.n_draws * s.thin, thin=s.thin, **moves)
         per_gal = lambda x: x.reshape((n_gal, s.n_walkers) + x.shape[2:])  # noqa: E731
-        phi = per_gal(trace.positions)  # (G, n_walkers, n_draws, dim)
-        ll, lp_latent = (per_gal(a) for a in trace.aux)
+        ll, log_prior, phi = (per_gal(a) for a in trace.aux)  # phi (G, n_walkers, n_draws, dim): diagnostics in latent space
         tau = jnp.max(sampler.autocorr_time(phi), axis=-1) * s.thin
         rhat = jnp.max(sampler.ensemble_rhat(phi.reshape(n_gal, n_ens, w_ens, s.n_draws, dim)), axis=-1)
         n_kept = s.n_draws * s.thin
@@ -471,7 +525,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         nan_g = lambda x: jnp.where(usable.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.nan)  # noqa: E731
         return {
             "samples": nan_g(space.from_latent(phi)),
-            "log_prior": nan_g(lp_latent - space.log_jacobian(phi)),
+            "log_prior": nan_g(log_prior),
             "log_likelihood": nan_g(ll),
             "acceptance_rate": nan_g(jnp.mean(per_gal(trace.acceptance_rate), axis=-1)),
             "tau": nan_g(tau),

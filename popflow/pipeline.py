@@ -36,7 +36,11 @@ paths or small pickles, never compiled code). On a LocalCluster each worker
 runs one task at a time and its XLA/BLAS thread pools are limited to
 ``threads`` (``NPROC`` sizes XLA's CPU intra-op pool in jax 0.10; OMP/MKL/
 OpenBLAS variables the BLAS pools). With GPUs visible to JAX there is one worker
-per GPU.
+per GPU. popflow's clusters do not pass on the nanny's default
+``MALLOC_TRIM_THRESHOLD_=65536`` (``NANNY_CONFIG``): setting it turns off glibc's
+adaptive mmap threshold, so XLA's large buffers are mapped and unmapped afresh
+on every use, and the fit ran 18 % slower (BENCHMARKS.md). Workers started by
+hand (``dask worker``) should be given the same setting in a Dask config file.
 """
 
 from __future__ import annotations
@@ -57,7 +61,7 @@ from pathlib import Path
 import numpy as np
 
 __all__ = ["fit_catalog", "open_posterior", "write_posterior_tree", "store_lock", "StoreLockedError", "StoreMismatchError",
-           "default_chunk_size", "worker_env"]
+           "default_chunk_size", "worker_env", "local_cluster", "NANNY_CONFIG"]
 
 IDENTITY_KEYS = ("prior_id", "emulator_id", "datamodel", "settings", "seed", "catalog_sha256", "chunk_size",
                  "n_galaxies", "parameters", "filters")
@@ -459,7 +463,17 @@ def _n_gpus() -> int:
     return sum(line.startswith("GPU ") for line in out.splitlines())
 
 
-def _local_cluster(workers: int | None, threads: int | None, log: Callable):
+# Dask's nanny exports MALLOC_TRIM_THRESHOLD_=65536 to its workers (to hand freed memory back to the OS); any
+# explicit trim threshold also freezes glibc's mmap threshold at 128 KiB, which costs XLA's CPU buffers a page-fault
+# storm. None drops the variable (distributed's ``_get_env_variables``).
+NANNY_CONFIG = {"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}
+
+
+def local_cluster(workers: int | None = None, threads: int | None = None, log: Callable = print):
+    """The cluster ``popflow fit`` starts on this machine: one worker per GPU if JAX can use GPUs, else
+    ``workers`` processes (default 1) x ``threads`` XLA/BLAS threads (default: cores / workers), one task at a
+    time each, with the nanny's malloc setting left out (``NANNY_CONFIG``). Dashboard on port 8787 if free."""
+    import dask
     from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
     n_gpu = _n_gpus()
@@ -469,12 +483,14 @@ def _local_cluster(workers: int | None, threads: int | None, log: Callable):
         specs = {f"gpu-{d}": {"cls": Nanny, "options": {"nthreads": 1, "env": {
             "CUDA_VISIBLE_DEVICES": d, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}}} for d in ids}
         log(f"popflow: {n_gpu} GPU(s) visible: one worker per GPU")
-        return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":8787"}})
+        with dask.config.set(NANNY_CONFIG):
+            return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":8787"}})
     cores = os.cpu_count() or 1
     workers = workers or 1
     threads = threads or max(1, cores // workers)
-    return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, env=worker_env(threads),
-                        dashboard_address=":8787")
+    with dask.config.set(NANNY_CONFIG):  # read by each Nanny when it is built, here
+        return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, env=worker_env(threads),
+                            dashboard_address=":8787")
 
 
 # ----------------------------------------------------------------------------- the driver
@@ -597,7 +613,7 @@ def _client(scheduler, workers, threads, log):
         with Client(scheduler) as client:
             yield client
         return
-    with _local_cluster(workers, threads, log) as cluster, Client(cluster) as client:
+    with local_cluster(workers, threads, log) as cluster, Client(cluster) as client:
         yield client
 
 

@@ -328,3 +328,14 @@ def test_worker_loss_mid_run(reference, catalog, external_cluster, tmp_path):  #
     # and writes; one whose marker exists is skipped), and the store is the uninterrupted one
     assert stats["chunks_fitted"] + stats["chunks_skipped"] == N_GAL // CHUNK
     assert_same_store(reference, out)
+
+
+def test_local_workers_keep_glibc_adaptive_malloc(monkeypatch):
+    """Dask's nanny would export MALLOC_TRIM_THRESHOLD_=65536, freezing glibc's mmap threshold (fits 18 % slower,
+    BENCHMARKS.md); popflow's LocalCluster leaves it unset."""
+    from popflow.pipeline import _client
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with _client(None, 1, 1, lambda *a: None) as client:
+        values = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    assert list(values.values()) == [None]
