@@ -61,6 +61,10 @@ posterior density. Then:
   explore a mode, but walkers cross between separated modes (redshift
   solutions, dust-age branches) only through this move, whose acceptance
   ratio corrects the Laplace weights to the true posterior mass of each mode.
+  Candidate scores, Newton steps and Hessians use the prior's cheap stand-in
+  ``init_log_prob_latent`` (:class:`popflow.priors.base.Prior`) (the density itself, except for the diffusion
+  prior: the Gaussian of its whitening, instead of an ODE solve per candidate
+  and its second derivatives); the sampler's target is always exact.
 - ``"top"``: the ``n_walkers`` best candidates (dealt to the ensembles in turn)
   start the walkers; gradient-free (works with a prior that has no usable
   gradient) but far from the posterior, so it needs a long burn-in.
@@ -283,6 +287,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
     lo_mass, hi_mass = float(space.lower[i_mass]), float(space.upper[i_mass])
     lo_z, hi_z = float(space.lower[i_z]), float(space.upper[i_z])
     mid_mass = 0.5 * (lo_mass + hi_mass)  # from_latent's log_mass at latent 0
+    init_log_prior = getattr(prior, "init_log_prob_latent", prior.log_prob_latent)  # a duck-typed prior may lack it
 
     def sym(h):
         return 0.5 * (h + jnp.swapaxes(h, -1, -2))
@@ -328,19 +333,19 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         f = None if field is None else field[:, None]
         return datamodel.log_likelihood(mag_to_njy(mags), flux[:, None], flux_err[:, None], mask[:, None], f)
 
-    def log_target(psi, data):
+    def log_target(psi, data, log_prior_latent=prior.log_prob_latent):
         """Log posterior in the sampler's coordinates (G, k, dim) -> (G, k), -inf outside the emulator's domain;
-        aux: log-likelihood, physical log prior, latent phi."""
+        aux: log-likelihood, physical log prior, latent phi. The initialisation passes the prior's cheap stand-in."""
         phi, mags, log_det, inside = decode(psi, data[-1])
         ll = log_like(mags, *data[:-1])
-        lp = prior.log_prob_latent(phi)
+        lp = log_prior_latent(phi)
         ok = inside & emulator.in_domain(space.from_latent(phi)) & jnp.isfinite(ll)
         return jnp.where(ok, ll + lp + log_det, -jnp.inf), (ll, lp - space.log_jacobian(phi), phi)
 
     def smooth_target(psi, data):
-        """The log posterior without the domain cut, for gradients (G, k, dim) -> (G, k)."""
+        """The initialisation's log posterior without the domain cut, for Newton steps (G, k, dim) -> (G, k)."""
         phi, mags, log_det, _ = decode(psi, data[-1])
-        return log_like(mags, *data[:-1]) + prior.log_prob_latent(phi) + log_det
+        return log_like(mags, *data[:-1]) + init_log_prior(phi) + log_det
 
     def score_one(unit, cand, flux, flux_err, mask, field):
         """One galaxy's candidates, mass set to the best flux amplitude: latent (K, dim) and log posterior (K,)."""
@@ -354,7 +359,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         theta = cand.at[:, i_mass].set(new_mass)
         ll = datamodel.log_likelihood(unit * scale[:, None], flux, flux_err, mask, field)
         phi = to_latent(theta)
-        score = ll + prior.log_prob_latent(phi)
+        score = ll + init_log_prior(phi)
         return phi, jnp.where(emulator.in_domain(theta) & ~jnp.isnan(score), score, -jnp.inf)
 
     def pick_one(unit, cand, zbin, flux, flux_err, mask, field):
@@ -396,7 +401,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         eigenvalues clipped at 0; a step that does not raise the log posterior is
         rejected and ``lam`` grows tenfold, an accepted one shrinks it 3-fold.
         Returns the optima (G, S, dim), their log posterior (G, S) and Hessian."""
-        lp_fn = lambda x: log_target(x, data)[0]  # noqa: E731
+        lp_fn = lambda x: log_target(x, data, init_log_prior)[0]  # noqa: E731
 
         def body(carry, _):
             x, lp, lam = carry

@@ -257,12 +257,21 @@ def test_flow_prior_fits_and_round_trips(tmp_path):
 
 # ----------------------------------------------------------------------------- shipped population prior, loading, CLI
 def test_shipped_population_priors():
+    import pickle
+
     for name in ("analytic-diffusion", "analytic-flow"):
         prior = load_prior(name)
         assert prior.space == DEFAULT_SPACE
         theta = AnalyticPrior().sample(jax.random.key(5), 64)
         lp = jax.jit(prior.log_prob)(theta)
         assert lp.shape == (64,) and np.all(np.isfinite(lp)), name
+        # the fit's initialisation stand-in is a rough but normalised match (the diffusion prior's whitening Gaussian):
+        # a missing log-determinant or a wrong whitening would put it tens of nats off
+        phi = prior.space.to_latent(theta)
+        gap = np.asarray(jax.jit(prior.init_log_prob_latent)(phi) - jax.jit(prior.log_prob_latent)(phi))
+        assert np.all(np.isfinite(gap)) and abs(np.median(gap)) < 3.0, (name, np.median(gap))
+        # fit_catalog ships a prior object to the Dask workers by pickling it
+        np.testing.assert_array_equal(jax.jit(pickle.loads(pickle.dumps(prior)).log_prob)(theta), lp, err_msg=name)
         assert "AnalyticPrior" in str(prior._meta), name  # model.json says what it was trained on
 
 

@@ -49,6 +49,12 @@ class Prior(abc.ABC):
         phi = jnp.asarray(phi, jnp.float32)
         return self.log_prob(self.space.from_latent(phi)) + self.space.log_jacobian(phi)
 
+    def init_log_prob_latent(self, phi):
+        """A cheap stand-in for :meth:`log_prob_latent`, (..., dim) -> (...), that the fit uses only to find its
+        starting points (scoring thousands of candidates, Newton steps, Laplace Hessians); its sampler always uses
+        the exact density, so the stand-in changes the cost, not the posterior. Default: the density itself."""
+        return self.log_prob_latent(phi)
+
     @property
     def id(self) -> str:
         """Content id: the artifact id :meth:`save` would return (sha256 of model.json and weights)."""

@@ -300,6 +300,13 @@ class DiffusionPrior(LatentPrior):
     def _log_prob_white(self, z):
         return ode_log_prob(self._score(), self.sde, z, **self.solver)
 
+    def init_log_prob_latent(self, phi):
+        """The Gaussian of the whitening (the training samples' mean and covariance), the part of the score the
+        network does not learn: starting the fit would otherwise integrate the ODE for every candidate and
+        differentiate it twice."""
+        z = self.to_white(phi)
+        return -0.5 * jnp.sum(z * z, axis=-1) - 0.5 * z.shape[-1] * np.log(2.0 * np.pi) + self.log_det_whiten
+
     def n_steps_taken(self, z) -> np.ndarray:
         """Steps the adaptive solver takes per point (diagnostic); z (n, dim) whitened -> (n,) int."""
         s = self.solver

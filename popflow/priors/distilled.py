@@ -75,7 +75,7 @@ class CouplingFlow(nnx.Module):
         self.sas = nnx.Param(jnp.zeros((n_marginal, 2, dim))) if n_marginal else None
         if activation not in ACTIVATIONS:
             raise ValueError(f"flow activation must be one of {', '.join(ACTIVATIONS)}, got {activation!r}")
-        self.act = ACTIVATIONS[activation]
+        self.activation = activation  # the name, not the function: the prior must pickle (Dask ships it to workers)
         self.nets = nnx.List()
         for _ in range(n_layers):
             sizes = [dim] + [width] * depth
@@ -87,7 +87,7 @@ class CouplingFlow(nnx.Module):
         hidden, out = self.nets[k]
         h = zk
         for layer in hidden:
-            h = self.act(layer(h))
+            h = ACTIVATIONS[self.activation](layer(h))
         s, t = jnp.split(out(h), 2, axis=-1)
         return self.scale_bound * jnp.tanh(s / self.scale_bound), t
 
