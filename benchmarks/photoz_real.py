@@ -148,7 +148,7 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
     from popflow.priors import distill, load_prior, train_diffusion_prior
     from popflow.priors.samples import read_samples
 
-    tag = wd / f"population_{n_pop}_{seed}"
+    tag = wd / f"population_{n_pop}_{seed}_{hashlib.sha256(json.dumps(datamodel.to_dict()).encode()).hexdigest()[:8]}"
     flow_dir, diffusion_dir, record = Path(f"{tag}_flow"), Path(f"{tag}_diffusion"), Path(f"{tag}.json")
     if (flow_dir / "model.json").exists() and record.exists():
         return load_prior(flow_dir), json.loads(record.read_text())["seconds"]
@@ -172,7 +172,8 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
     return flow, seconds
 
 
-def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIANTS, n_pop=1000, log=print):
+def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIANTS, n_pop=1000, calib_iterations=None,
+                log=print):
     """Fit the test subset in each variant (module docstring); returns (rows, diagnostics)."""
     import jax
 
@@ -190,14 +191,15 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
         test.chunk({"galaxy": 1000}).to_zarr(test_store, consolidated=False)
     ftr, etr, mtr, ztr = arrays(train)
     rows = np.sort(np.random.default_rng(seed).choice(train.sizes["galaxy"], min(n_calib, train.sizes["galaxy"]), replace=False))
-    dm_path = wd / f"datamodel_{DATASETS[name]['emulator']}_{rows.size}_{seed}.json"  # cached: calibration is the slow part of a rerun
+    iters = "" if calib_iterations is None else f"_it{calib_iterations}"
+    dm_path = wd / f"datamodel_{DATASETS[name]['emulator']}_{rows.size}_{seed}{iters}.json"  # cached: calibration is the slow part of a rerun
     if dm_path.exists():
         saved = json.loads(dm_path.read_text())
         dm, report, t_cal = DataModel.from_dict(saved), saved["calibration"], saved["seconds"]
     else:
         t0 = time.perf_counter()
         dm, report = calibrate(jax.random.PRNGKey(seed), ftr[rows], etr[rows], mtr[rows], ztr[rows], emulator=emu,
-                               prior=AnalyticPrior(space=emu.space), log=log)
+                               prior=AnalyticPrior(space=emu.space), n_iter=calib_iterations, log=log)
         t_cal = time.perf_counter() - t0
         save_datamodel(dm_path, dm, {"filters": list(train.attrs["filters"]), "calibration": report, "seconds": t_cal})
     calibrated_prior = AnalyticPrior(space=emu.space, nz=nz_from_redshifts(ztr))
@@ -281,6 +283,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-calib", type=int, default=400, help="training galaxies for popflow calibrate")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="popflow runs (module docstring)")
     ap.add_argument("--n-pop", type=int, default=1000, help="training galaxies fitted for the population prior")
+    ap.add_argument("--calib-iterations", type=int, default=None, help="calibrate's n_iter (default: its own, 2 for the median method)")
     ap.add_argument("--walkers", type=int, default=32)
     ap.add_argument("--burn", type=int, default=400)
     ap.add_argument("--draws", type=int, default=32)
@@ -304,7 +307,8 @@ def main(argv=None) -> int:
         rows = run_peers(name, train, test, args.work, args.peers, filter_path)
         note = ""
         if args.popflow:
-            pf, diag = run_popflow(name, train, test, args.work, args.n_calib, args.seed, settings, args.variants, args.n_pop)
+            pf, diag = run_popflow(name, train, test, args.work, args.n_calib, args.seed, settings, args.variants, args.n_pop,
+                                   args.calib_iterations)
             rows |= pf
             note = (f"popflow: emulator `{DATASETS[name]['emulator']}`, AnalyticPrior, FitSettings({', '.join(f'{k}={v}' for k, v in settings.items())}), "
                     f"calibrated on {diag['n_calib']} training galaxies; point estimate = median of the redshift draws.\n\n")
