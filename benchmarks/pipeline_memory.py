@@ -48,15 +48,12 @@ def make(n: int, chunk: int, work: Path) -> None:
 
 
 def fit(chunk: int, workers: int, threads: int, work: Path) -> dict:
-    import dask
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
-    from popflow.pipeline import NANNY_CONFIG, fit_catalog, worker_env
+    from popflow.pipeline import fit_catalog, local_cluster
     from popflow.priors import AnalyticPrior
 
-    with dask.config.set(NANNY_CONFIG), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                                     env=worker_env(threads), dashboard_address=":0") as cluster, \
-            Client(cluster) as client:
+    with local_cluster(workers, threads) as cluster, Client(cluster) as client:
         t0 = time.perf_counter()
         stats = fit_catalog(work / "cat.zarr", work / "post.zarr", emulator="tests.toymodel:ToyEmulator",
                             prior=AnalyticPrior(), settings=_settings(), chunk_size=chunk, client=client,

@@ -335,12 +335,12 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
 
     def log_target(psi, data, log_prior_latent=prior.log_prob_latent):
         """Log posterior in the sampler's coordinates (G, k, dim) -> (G, k), -inf outside the emulator's domain;
-        aux: log-likelihood, physical log prior, latent phi. The initialisation passes the prior's cheap stand-in."""
+        aux: log-likelihood, latent log prior, latent phi. The initialisation passes the prior's cheap stand-in."""
         phi, mags, log_det, inside = decode(psi, data[-1])
         ll = log_like(mags, *data[:-1])
         lp = log_prior_latent(phi)
         ok = inside & emulator.in_domain(space.from_latent(phi)) & jnp.isfinite(ll)
-        return jnp.where(ok, ll + lp + log_det, -jnp.inf), (ll, lp - space.log_jacobian(phi), phi)
+        return jnp.where(ok, ll + lp + log_det, -jnp.inf), (ll, lp, phi)
 
     def smooth_target(psi, data):
         """The initialisation's log posterior without the domain cut, for Newton steps (G, k, dim) -> (G, k)."""
@@ -511,9 +511,9 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         psi0 = psi0.reshape(rows, w_ens, dim)
         if s.n_tempered:
             # a tempered phase (likelihood^beta) lets the walkers spread along the degeneracies first
-            def tempered(psi):
+            def tempered(psi):  # -inf - (-inf) = NaN outside the domain: the sampler reads NaN as -inf
                 lt, aux = target(psi)
-                return jnp.where(jnp.isfinite(lt), lt - (1.0 - s.beta) * aux[0], -jnp.inf), aux
+                return lt - (1.0 - s.beta) * aux[0], aux
 
             st, _ = sampler.run(_galaxy_keys(jax.random.fold_in(k_burn, 99), rows), sampler.init(psi0, tempered), tempered,
                                 s.n_tempered, thin=s.n_tempered, **moves)
@@ -522,7 +522,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         state = burn_in(k_burn, state, target, rows, moves)
         _, trace = sampler.run(_galaxy_keys(k_draw, rows), state, target, s.n_draws * s.thin, thin=s.thin, **moves)
         per_gal = lambda x: x.reshape((n_gal, s.n_walkers) + x.shape[2:])  # noqa: E731
-        ll, log_prior, phi = (per_gal(a) for a in trace.aux)  # phi (G, n_walkers, n_draws, dim): diagnostics in latent space
+        ll, lp_latent, phi = (per_gal(a) for a in trace.aux)  # phi (G, n_walkers, n_draws, dim): diagnostics in latent space
         tau = jnp.max(sampler.autocorr_time(phi), axis=-1) * s.thin
         rhat = jnp.max(sampler.ensemble_rhat(phi.reshape(n_gal, n_ens, w_ens, s.n_draws, dim)), axis=-1)
         n_kept = s.n_draws * s.thin
@@ -530,7 +530,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         nan_g = lambda x: jnp.where(usable.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.nan)  # noqa: E731
         return {
             "samples": nan_g(space.from_latent(phi)),
-            "log_prior": nan_g(log_prior),
+            "log_prior": nan_g(lp_latent - space.log_jacobian(phi)),
             "log_likelihood": nan_g(ll),
             "acceptance_rate": nan_g(jnp.mean(per_gal(trace.acceptance_rate), axis=-1)),
             "tau": nan_g(tau),

@@ -477,18 +477,16 @@ def local_cluster(workers: int | None = None, threads: int | None = None, log: C
     from distributed import LocalCluster, Nanny, Scheduler, SpecCluster
 
     n_gpu = _n_gpus()
-    if n_gpu:
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(n_gpu)]
-        specs = {f"gpu-{d}": {"cls": Nanny, "options": {"nthreads": 1, "env": {
-            "CUDA_VISIBLE_DEVICES": d, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}}} for d in ids}
-        log(f"popflow: {n_gpu} GPU(s) visible: one worker per GPU")
-        with dask.config.set(NANNY_CONFIG):
+    with dask.config.set(NANNY_CONFIG):  # read by each Nanny when it is built, i.e. here
+        if n_gpu:
+            visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+            ids = [d.strip() for d in visible.split(",")] if visible else [str(i) for i in range(n_gpu)]
+            specs = {f"gpu-{d}": {"cls": Nanny, "options": {"nthreads": 1, "env": {
+                "CUDA_VISIBLE_DEVICES": d, "XLA_PYTHON_CLIENT_PREALLOCATE": "false"}}} for d in ids}
+            log(f"popflow: {n_gpu} GPU(s) visible: one worker per GPU")
             return SpecCluster(workers=specs, scheduler={"cls": Scheduler, "options": {"dashboard_address": ":8787"}})
-    cores = os.cpu_count() or 1
-    workers = workers or 1
-    threads = threads or max(1, cores // workers)
-    with dask.config.set(NANNY_CONFIG):  # read by each Nanny when it is built, here
+        workers = workers or 1
+        threads = threads or max(1, (os.cpu_count() or 1) // workers)
         return LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, env=worker_env(threads),
                             dashboard_address=":8787")
 

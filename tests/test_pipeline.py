@@ -333,9 +333,11 @@ def test_worker_loss_mid_run(reference, catalog, external_cluster, tmp_path):  #
 def test_local_workers_keep_glibc_adaptive_malloc(monkeypatch):
     """Dask's nanny would export MALLOC_TRIM_THRESHOLD_=65536, freezing glibc's mmap threshold (fits 18 % slower,
     BENCHMARKS.md); popflow's LocalCluster leaves it unset."""
-    from popflow.pipeline import _client
+    from distributed import Client
+
+    from popflow.pipeline import local_cluster
 
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
-    with _client(None, 1, 1, lambda *a: None) as client:
+    with local_cluster(1, 1) as cluster, Client(cluster) as client:
         values = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
     assert list(values.values()) == [None]
