@@ -20,7 +20,11 @@ with the data set's shipped emulator, runs in two variants:
 - "population": the calibrated data model and a population prior learned from the training part
   (:func:`population_prior`: popflow's fits of ``--n-pop`` training galaxies under the calibrated
   variant's prior, a diffusion prior trained on their pooled draws, and its distilled flow, the
-  diffusion prior's fast path, in the fit).
+  diffusion prior's fast path, in the fit);
+- "specz_population": the same, but the training galaxies are fitted at their spectroscopic
+  redshifts (``fit_catalog(known_redshift="z_spec")``), so the prior learns the joint distribution
+  of redshift and SED parameters of the population from the same spectroscopic sample the
+  machine-learning peers train on (pop-cosmos learns it from deep many-band photometry instead).
 
 The per-band diagnostics (data errors, emulator error, zero points, floors) are printed with
 each table. Timings per galaxy are wall-clock on this machine; popflow's include the JIT compile.
@@ -130,15 +134,20 @@ def run_peers(name, train, test, work, methods, filter_path):
             or (k.startswith("Flex") and "fzb" in methods)}
 
 
-VARIANTS = ("shipped", "calibrated", "population")
+VARIANTS = ("shipped", "calibrated", "population", "specz_population")
+Z_BANDWIDTH = 0.01  # (1 + z): kernel width given to the known redshifts of a spectroscopic population prior
 
 
-def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dict, seed: int, n_pop: int, log=print):
+def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dict, seed: int, n_pop: int,
+                     known_redshift: bool = False, log=print):
     """A population prior learned from ``n_pop`` training galaxies; returns (flow prior, seconds to build).
 
     The galaxies are fitted by popflow under ``base_prior``; their pooled posterior draws are one EM step from
     ``base_prior`` toward the population's distribution (the mean of the posteriors is the EM update of a free-form
-    population density). A diffusion prior is trained on them and distilled into a flow, the diffusion prior's fast
+    population density). With ``known_redshift`` they are fitted at their spectroscopic redshifts, and each draw's
+    redshift gets a Gaussian kernel of ``Z_BANDWIDTH (1 + z)`` (a kernel density estimate of n(z), as
+    :func:`popflow.calibrate.nz_from_redshifts`; without it the prior's redshift marginal would be n_pop spikes).
+    A diffusion prior is trained on them and distilled into a flow, the diffusion prior's fast
     path. Every stage is cached in ``wd`` (the fit resumes), so a rerun costs nothing.
     """
     import jax
@@ -148,7 +157,8 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
     from popflow.priors import distill, load_prior, train_diffusion_prior
     from popflow.priors.samples import read_samples
 
-    tag = wd / f"population_{n_pop}_{seed}_{hashlib.sha256(json.dumps(datamodel.to_dict()).encode()).hexdigest()[:8]}"
+    kind = "specz_population" if known_redshift else "population"
+    tag = wd / f"{kind}_{n_pop}_{seed}_{hashlib.sha256(json.dumps(datamodel.to_dict()).encode()).hexdigest()[:8]}"
     flow_dir, diffusion_dir, record = Path(f"{tag}_flow"), Path(f"{tag}_diffusion"), Path(f"{tag}.json")
     if (flow_dir / "model.json").exists() and record.exists():
         return load_prior(flow_dir), json.loads(record.read_text())["seconds"]
@@ -158,11 +168,17 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
     if not catalog.exists():
         train.isel(galaxy=rows).chunk({"galaxy": 1000}).to_zarr(catalog, consolidated=False)
     fit_catalog(catalog, fits, emulator=DATASETS[name]["emulator"], prior=base_prior, datamodel=datamodel,
-                settings=FitSettings(**settings), seed=seed, workers=1, progress=False, log=log)
+                settings=FitSettings(**settings), seed=seed, workers=1, known_redshift="z_spec" if known_redshift else None,
+                progress=False, log=log)
     theta = read_samples(fits, base_prior.space)
+    if known_redshift:
+        iz, space = base_prior.space.index("redshift"), base_prior.space
+        z = theta[:, iz] + Z_BANDWIDTH * (1.0 + theta[:, iz]) * np.random.default_rng(seed + 3).standard_normal(len(theta))
+        theta[:, iz] = np.clip(z, space.lower[iz], space.upper[iz])
     log(f"population prior: {len(theta)} pooled draws of {rows.size} training galaxies; training the diffusion prior")
     teacher = train_diffusion_prior(theta, base_prior.space, batch_size=2048, seed=seed, out=diffusion_dir, progress=False,
-                                    source=f"pooled popflow posterior draws of {rows.size} {name} training galaxies")
+                                    source=f"pooled popflow posterior draws of {rows.size} {name} training galaxies"
+                                           + (" at their spectroscopic redshifts" if known_redshift else ""))
     teacher.save(diffusion_dir)
     flow = distill(teacher, jax.random.key(seed), progress=False)
     flow.save(flow_dir)
@@ -208,7 +224,10 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
                             AnalyticPrior(space=emu.space), 0.0),
         "calibrated": lambda: ("calibrated zero points + floors, training n(z)", dm, calibrated_prior, t_cal),
         "population": lambda: (f"calibrated + population prior from {n_pop} training fits", dm,
-                               *population_prior(name, train, wd, dm, calibrated_prior, settings, seed, n_pop, log)),
+                               *population_prior(name, train, wd, dm, calibrated_prior, settings, seed, n_pop, log=log)),
+        "specz_population": lambda: (f"calibrated + population prior from {n_pop} training fits at z_spec", dm,
+                                     *population_prior(name, train, wd, dm, calibrated_prior, settings, seed, n_pop,
+                                                       known_redshift=True, log=log)),
     }
     out = {}
     for v in variants:

@@ -106,7 +106,8 @@ def _cmd_fit(args) -> int:
         fit_catalog(args.catalog, args.out, emulator=args.emulator, prior=args.prior, datamodel=datamodel,
                     settings=FitSettings(**{k: v for k, v in given.items() if v is not None}), seed=args.seed,
                     chunk_size=args.chunk_size, limit=args.limit, scheduler=args.scheduler, workers=args.workers,
-                    threads=args.threads, overwrite=args.overwrite, progress=not args.no_progress)
+                    threads=args.threads, overwrite=args.overwrite, known_redshift=args.known_redshift,
+                    progress=not args.no_progress)
     except (StoreLockedError, StoreMismatchError, FileNotFoundError, ValueError) as err:
         print(f"popflow fit: error: {err}", file=sys.stderr)
         return 2
@@ -291,6 +292,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--init", default=None, help="walker initialisation: laplace or top (popflow.fit.INIT_STRATEGIES)")
     p.add_argument("--n-init", type=int, default=None, help="prior candidates for the initialisation")
     p.add_argument("--overwrite", action="store_true", help="discard an existing store made with other inputs")
+    p.add_argument("--known-redshift", default=None, metavar="VAR",
+                   help="catalogue variable of known redshifts (e.g. z_spec): fit those galaxies at it (NaN: free)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("--refit-below-ess", type=float, default=None, metavar="N",
                    help="with --prior NEW on an existing store fitted under another prior: reweight it to NEW and "

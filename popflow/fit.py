@@ -266,10 +266,14 @@ def _check_compatible(emulator, prior, datamodel: DataModel, settings: FitSettin
 
 
 def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings):
-    """The jitted per-chunk fit: ``kernel(key, flux, flux_err, mask, field=None) -> dict of jax arrays``.
+    """The jitted per-chunk fit: ``kernel(key, flux, flux_err, mask, field=None, redshift=None) -> dict of jax arrays``.
 
     Inputs (n_gal, n_band) float32 nJy / bool, ``field`` (n_gal,) int for
-    per-field zero points. Outputs: ``samples`` (n_gal, n_walkers, n_draws, dim)
+    per-field zero points, ``redshift`` (n_gal,) float32 known redshifts (NaN:
+    free). A known redshift replaces the sampler's redshift coordinate, which
+    then carries a unit-normal dummy and is left out of tau and R-hat; the
+    prior is evaluated at it, i.e. the draws follow the conditional posterior
+    (``log_prior`` is then the joint density at the known redshift). Outputs: ``samples`` (n_gal, n_walkers, n_draws, dim)
     physical (chain axis: module docstring); ``log_prior`` (physical density),
     ``log_likelihood`` (n_gal, n_walkers, n_draws); per galaxy (n_gal,):
     ``acceptance_rate``, ``tau`` (steps), ``ess``, ``rhat``, ``converged``,
@@ -307,6 +311,18 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         """Magnitudes at the box's middle log_mass, whatever phi's; (G, k, dim) -> (G, k, B)."""
         return emulator.magnitudes(space.from_latent(phi.at[..., i_mass].set(0.0)))
 
+    def fix_redshift(psi, z_known):
+        """Known redshifts (G,) physical, NaN where free, into psi (G, k, dim): returns psi with the redshift
+        coordinate set to the known latent value and the log density (G, k) of the coordinate it replaces,
+        which the sampler then draws from a unit normal (a dummy that keeps the sampler's dimension)."""
+        if z_known is None:
+            return psi, 0.0
+        known = ~jnp.isnan(z_known)
+        u = (jnp.where(known, z_known, lo_z) - lo_z) / (hi_z - lo_z)
+        phi_z = ndtri(jnp.clip(u, _U_TINY, 1.0 - _U_TINY))
+        fixed = jnp.where(known[:, None], phi_z[:, None], psi[..., i_z])
+        return psi.at[..., i_z].set(fixed), jnp.where(known[:, None], norm.logpdf(psi[..., i_z]), 0.0)
+
     def encode(phi, weights):
         """Latent phi (G, k, dim) -> the sampler's coordinates psi (module docstring)."""
         if not s.mass_anchor:
@@ -315,18 +331,20 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         anchor = log_mass - mid_mass - 0.4 * jnp.sum(weights[:, None] * unit_magnitudes(phi), axis=-1)
         return phi.at[..., i_mass].set(anchor)
 
-    def decode(psi, weights):
+    def decode(psi, weights, z_known):
         """The sampler's coordinates psi (G, k, dim) -> latent phi, magnitudes (G, k, B), log |d phi / d psi| (G, k)
-        and whether log_mass lies inside the box (G, k); one emulator call."""
+        (with the dummy density of a known redshift's coordinate) and whether log_mass lies inside the box (G, k);
+        one emulator call."""
+        psi, log_dummy = fix_redshift(psi, z_known)
         if not s.mass_anchor:
-            return psi, emulator.magnitudes(space.from_latent(psi)), 0.0, True
+            return psi, emulator.magnitudes(space.from_latent(psi)), log_dummy, True
         m_mid = unit_magnitudes(psi)
         log_mass = psi[..., i_mass] + mid_mass + 0.4 * jnp.sum(weights[:, None] * m_mid, axis=-1)
         u = (log_mass - lo_mass) / (hi_mass - lo_mass)
         phi_mass = ndtri(jnp.clip(u, _U_TINY, 1.0 - _U_TINY))
         log_det = -np.log(hi_mass - lo_mass) - norm.logpdf(phi_mass)  # d phi_mass / d log_mass; d log_mass / d anchor = 1
         mags = m_mid - 2.5 * (log_mass - mid_mass)[..., None]  # exact mass scaling
-        return psi.at[..., i_mass].set(phi_mass), mags, log_det, (u > 0.0) & (u < 1.0)
+        return psi.at[..., i_mass].set(phi_mass), mags, log_det + log_dummy, (u > 0.0) & (u < 1.0)
 
     def log_like(mags, flux, flux_err, mask, field):
         """Magnitudes (G, k, B), data (G, B) -> (G, k)."""
@@ -336,16 +354,16 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
     def log_target(psi, data, log_prior_latent=prior.log_prob_latent):
         """Log posterior in the sampler's coordinates (G, k, dim) -> (G, k), -inf outside the emulator's domain;
         aux: log-likelihood, latent log prior, latent phi. The initialisation passes the prior's cheap stand-in."""
-        phi, mags, log_det, inside = decode(psi, data[-1])
-        ll = log_like(mags, *data[:-1])
+        phi, mags, log_det, inside = decode(psi, *data[4:])
+        ll = log_like(mags, *data[:4])
         lp = log_prior_latent(phi)
         ok = inside & emulator.in_domain(space.from_latent(phi)) & jnp.isfinite(ll)
         return jnp.where(ok, ll + lp + log_det, -jnp.inf), (ll, lp, phi)
 
     def smooth_target(psi, data):
         """The initialisation's log posterior without the domain cut, for Newton steps (G, k, dim) -> (G, k)."""
-        phi, mags, log_det, _ = decode(psi, data[-1])
-        return log_like(mags, *data[:-1]) + init_log_prior(phi) + log_det
+        phi, mags, log_det, _ = decode(psi, *data[4:])
+        return log_like(mags, *data[:4]) + init_log_prior(phi) + log_det
 
     def score_one(unit, cand, flux, flux_err, mask, field):
         """One galaxy's candidates, mass set to the best flux amplitude: latent (K, dim) and log posterior (K,)."""
@@ -378,14 +396,25 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         other = jnp.argmax(jnp.where(in_bin & far, score[None, :], -jnp.inf), axis=1)
         return phi[jnp.concatenate([best, other])]
 
-    def candidate_picks(key, flux, flux_err, mask, field):
+    def candidate_picks(key, flux, flux_err, mask, field, z_known):
         cand = space.from_latent(jax.random.normal(key, (s.n_init * dim,)).reshape(s.n_init, dim))  # (K, dim) physical
         unit = mag_to_njy(emulator.magnitudes(cand))  # (K, B) fluxes at the candidates' own masses
         lz = jnp.log1p(cand[:, i_z])
         zbin = jnp.clip(((lz - np.log1p(lo_z)) / (np.log1p(hi_z) - np.log1p(lo_z)) * s.n_starts).astype(jnp.int32), 0, s.n_starts - 1)
         fld = jnp.zeros(flux.shape[0], jnp.int32) if field is None else field
-        per_gal = lambda a: pick_one(unit, cand, zbin, *a[:3], None if field is None else a[3])  # noqa: E731
-        return jax.lax.map(per_gal, (flux, flux_err, mask, fld), batch_size=_INIT_BATCH)
+        zk = jnp.full(flux.shape[0], jnp.nan) if z_known is None else z_known
+
+        def per_gal(a):
+            f, e, m, fl, z = a
+            fl = None if field is None else fl
+            if z_known is None:
+                return pick_one(unit, cand, zbin, f, e, m, fl)
+            # candidates moved to the galaxy's known redshift: one emulator call per candidate and galaxy; the
+            # redshift bins of their original draws still split them into n_starts groups of distinct starts
+            at_z = jnp.where(jnp.isnan(z), cand, cand.at[:, i_z].set(z))
+            return pick_one(mag_to_njy(emulator.magnitudes(at_z)), at_z, zbin, f, e, m, fl)
+
+        return jax.lax.map(per_gal, (flux, flux_err, mask, fld, zk), batch_size=_INIT_BATCH)
 
     def point(fn):
         """fn(psi (G, k, dim), data) -> (G, k) as a function of one point (dim,) and one galaxy's data."""
@@ -450,8 +479,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         """Walker starts (G, n_walkers, dim), latent, ensemble-major, and the independence proposal
         (a :class:`~popflow.sampler.Mixture` per galaxy; None for "top")."""
         k_c, k_l = jax.random.split(key)
-        picks = candidate_picks(k_c, *data[:-1])
-        picks = encode(picks, data[-1])
+        picks = encode(candidate_picks(k_c, *data[:4], data[5]), data[4])
         if s.init == "top":
             return picks, None
         modes, lp, hess = optimise(picks, data)
@@ -490,7 +518,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         state, _ = jax.lax.scan(stage_and_reset, state, jnp.arange(s.burn_stages - 1))
         return stage(state, s.burn_stages - 1)[0]
 
-    def kernel(key, flux, flux_err, mask, field=None):
+    def kernel(key, flux, flux_err, mask, field=None, redshift=None):
         flux = jnp.asarray(flux, jnp.float32)
         flux_err = jnp.asarray(flux_err, jnp.float32)
         mask = jnp.asarray(mask, bool)
@@ -499,7 +527,8 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         # masked entries (NaN allowed there) become finite dummies; a galaxy with no usable band samples its prior
         flux = jnp.where(mask, flux, 0.0)
         flux_err = jnp.where(mask, flux_err, 1.0)
-        data = (flux, flux_err, mask, field, anchor_weights(flux, flux_err, mask))
+        z_known = None if redshift is None else jnp.asarray(redshift, jnp.float32)
+        data = (flux, flux_err, mask, field, anchor_weights(flux, flux_err, mask), z_known)
         k_init, k_burn, k_draw = (jax.random.fold_in(key, i) for i in range(3))
         psi0, mixture = initialise(k_init, data)
         # every ensemble is a row of the sampler's batch: (G * n_ens, w_ens, dim), galaxy-major, with its own data row
@@ -523,8 +552,13 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         _, trace = sampler.run(_galaxy_keys(k_draw, rows), state, target, s.n_draws * s.thin, thin=s.thin, **moves)
         per_gal = lambda x: x.reshape((n_gal, s.n_walkers) + x.shape[2:])  # noqa: E731
         ll, lp_latent, phi = (per_gal(a) for a in trace.aux)  # phi (G, n_walkers, n_draws, dim): diagnostics in latent space
-        tau = jnp.max(sampler.autocorr_time(phi), axis=-1) * s.thin
-        rhat = jnp.max(sampler.ensemble_rhat(phi.reshape(n_gal, n_ens, w_ens, s.n_draws, dim)), axis=-1)
+        tau_p = sampler.autocorr_time(phi)
+        rhat_p = sampler.ensemble_rhat(phi.reshape(n_gal, n_ens, w_ens, s.n_draws, dim))  # (G, dim) each
+        if z_known is not None:  # a known redshift does not move: leave it out of the diagnostics
+            held = ~jnp.isnan(z_known)[:, None] & (jnp.arange(dim) == i_z)
+            tau_p, rhat_p = jnp.where(held, 0.0, tau_p), jnp.where(held, 1.0, rhat_p)
+        tau = jnp.max(tau_p, axis=-1) * s.thin
+        rhat = jnp.max(rhat_p, axis=-1)
         n_kept = s.n_draws * s.thin
         converged = (n_kept >= s.tau_factor * tau) & (rhat < s.rhat_max) & usable
         nan_g = lambda x: jnp.where(usable.reshape((-1,) + (1,) * (x.ndim - 1)), x, jnp.nan)  # noqa: E731
@@ -543,6 +577,20 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
     return jax.jit(kernel)
 
 
+def _check_redshift(redshift, n_gal: int, space) -> np.ndarray:
+    """Known redshifts as float32 (n_gal,), NaN where unknown; a value outside the parameter box names its galaxy."""
+    z = np.asarray(redshift, np.float64).reshape(-1)
+    if z.shape != (n_gal,):
+        raise ValueError(f"fit_chunk: redshift has {z.size} values for {n_gal} galaxies")
+    lo, hi = (float(b[space.index("redshift")]) for b in (space.lower, space.upper))
+    bad = np.flatnonzero(np.isfinite(z) & ((z < lo) | (z > hi)) | np.isinf(z))
+    if bad.size:
+        g = int(bad[0])
+        raise ValueError(f"fit_chunk: known redshift {z[g]} of galaxy {g} ({bad.size} in all) lies outside the "
+                         f"parameter box [{lo}, {hi}]")
+    return z.astype(np.float32)
+
+
 def _galaxy_keys(key, n_gal: int):
     """Per-galaxy keys ``fold_in(key, g)``, shape (n_gal,): galaxy g's stream ignores the chunk size."""
     return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(key, jnp.arange(n_gal))
@@ -559,11 +607,15 @@ def _cached_kernel(emulator, prior, datamodel, settings):
     return _KERNELS[key]
 
 
-def fit_chunk(key, flux, flux_err, mask, *, emulator, prior, datamodel: DataModel, settings: FitSettings, field=None, pad_to=None):
+def fit_chunk(key, flux, flux_err, mask, *, emulator, prior, datamodel: DataModel, settings: FitSettings, field=None,
+              redshift=None, pad_to=None):
     """Fit a chunk of galaxies; returns a dict of NumPy arrays (see :func:`make_fit_kernel` for the keys).
 
     ``flux``, ``flux_err`` (n_gal, n_band) nJy, ``mask`` bool (n_gal, n_band);
-    ``field`` (n_gal,) int for per-field zero points. Inputs are validated
+    ``field`` (n_gal,) int for per-field zero points; ``redshift`` (n_gal,)
+    known redshifts (NaN: unknown) at which those galaxies are fitted, i.e. the
+    other parameters are sampled from their posterior conditional on it (e.g. a
+    spectroscopic sample for a population prior). Inputs are validated
     (errors name the galaxy and band). ``pad_to``: pad the chunk with unusable
     dummy galaxies to this many rows so every chunk has one shape (the last,
     short chunk does not recompile); padding is stripped and does not change
@@ -577,6 +629,8 @@ def fit_chunk(key, flux, flux_err, mask, *, emulator, prior, datamodel: DataMode
     n_gal = flux.shape[0]
     if n_gal == 0:
         raise ValueError("fit_chunk: the chunk has no galaxies")
+    if redshift is not None:
+        redshift = _check_redshift(redshift, n_gal, prior.space)
     if pad_to is not None:
         if pad_to < n_gal:
             raise ValueError(f"fit_chunk: pad_to={pad_to} is smaller than the chunk ({n_gal} galaxies)")
@@ -586,6 +640,8 @@ def fit_chunk(key, flux, flux_err, mask, *, emulator, prior, datamodel: DataMode
         mask = np.concatenate([mask, np.zeros((extra, mask.shape[1]), bool)])
         if field is not None:
             field = np.concatenate([np.asarray(field), np.zeros(extra, np.asarray(field).dtype)])
+        if redshift is not None:
+            redshift = np.concatenate([redshift, np.full(extra, np.nan, np.float32)])
     kernel = _cached_kernel(emulator, prior, datamodel, settings)
-    out = kernel(key, flux, flux_err, mask, None if field is None else np.asarray(field, np.int32))
+    out = kernel(key, flux, flux_err, mask, None if field is None else np.asarray(field, np.int32), redshift)
     return {k: np.asarray(v)[:n_gal] for k, v in out.items()}

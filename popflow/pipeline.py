@@ -65,6 +65,8 @@ __all__ = ["fit_catalog", "open_posterior", "write_posterior_tree", "store_lock"
 
 IDENTITY_KEYS = ("prior_id", "emulator_id", "datamodel", "settings", "seed", "catalog_sha256", "chunk_size",
                  "n_galaxies", "parameters", "filters")
+# compared as well, but not required: stores written before it existed lack it (None: every redshift free)
+COMPARED_KEYS = IDENTITY_KEYS + ("known_redshift",)
 CHUNK_BYTES_TARGET = 256 * 2**20  # default fit chunks keep one chunk's draws near 256 MiB
 
 
@@ -151,6 +153,7 @@ class _Job:
     chunk_size: int
     n_galaxies: int
     use_field: bool
+    known_redshift: str | None  # catalogue variable of known redshifts (NaN: unknown), or None
 
     def chunk_bounds(self, index: int) -> tuple[int, int]:
         start = index * self.chunk_size
@@ -207,9 +210,11 @@ def _fit_and_write(job: _Job, store, index: int, start: int, stop: int) -> None:
     cat = zarr.open_group(job.catalog, mode="r")
     rows = slice(start, stop)
     field = np.asarray(cat["field"][rows], np.int32) if job.use_field else None
+    redshift = None if job.known_redshift is None else np.asarray(cat[job.known_redshift][rows], np.float64)
     key = jax.random.fold_in(jax.random.PRNGKey(job.seed), index)
     res = fit_chunk(key, cat["flux"][rows], cat["flux_err"][rows], cat["mask"][rows], emulator=emulator,
-                    prior=prior, datamodel=datamodel, settings=settings, field=field, pad_to=job.chunk_size)
+                    prior=prior, datamodel=datamodel, settings=settings, field=field, redshift=redshift,
+                    pad_to=job.chunk_size)
     names = prior.space.names
     out = {f"posterior/{n}": res["samples"][..., i] for i, n in enumerate(names)}
     out.update({f"sample_stats/{k}": res[k] for k in _STATS})
@@ -297,7 +302,7 @@ def _read_identity(store: Path) -> dict | None:
 
 
 def _check_identity(store: Path, old: dict, new: dict) -> None:
-    diff = [k for k in IDENTITY_KEYS if _canonical(old.get(k)) != _canonical(new.get(k))]
+    diff = [k for k in COMPARED_KEYS if _canonical(old.get(k)) != _canonical(new.get(k))]
     if diff:
         lines = "\n".join(f"  {k}: store has {_short(old.get(k))}, this run has {_short(new.get(k))}" for k in diff)
         raise StoreMismatchError(
@@ -502,7 +507,7 @@ def default_chunk_size(catalog_chunk: int, n_walkers: int, n_draws: int, dim: in
 def fit_catalog(catalog, out, *, emulator="lsst", prior=None, datamodel=None, settings=None, seed: int = 0,
                 chunk_size: int | None = None, limit: int | None = None, client=None, scheduler: str | None = None,
                 workers: int | None = None, threads: int | None = None, overwrite: bool = False,
-                progress: bool = True, log: Callable = print) -> dict:
+                known_redshift: str | None = None, progress: bool = True, log: Callable = print) -> dict:
     """Fit every galaxy of a catalogue store into a posterior store, resumably (module docstring).
 
     Args:
@@ -519,6 +524,9 @@ def fit_catalog(catalog, out, *, emulator="lsst", prior=None, datamodel=None, se
         client: a ``distributed.Client`` to use; else ``scheduler`` (address of a running
             scheduler); else a LocalCluster of ``workers`` processes x ``threads`` XLA threads.
         overwrite: discard an existing store made with other inputs.
+        known_redshift: a catalogue variable (e.g. ``"z_spec"``) of known redshifts: those galaxies are
+            fitted at it (the other parameters conditional on it; NaN rows as usual), e.g. a spectroscopic
+            sample whose draws train a population prior.
         progress: tqdm bar over completed chunks.
         log: where messages go.
 
@@ -556,15 +564,19 @@ def fit_catalog(catalog, out, *, emulator="lsst", prior=None, datamodel=None, se
     use_field = datamodel.n_fields is not None
     if use_field and "field" not in cat:
         raise ValueError(f"the data model has per-field zero points but catalogue {catalog} has no 'field' variable")
+    if known_redshift is not None and known_redshift not in cat:
+        raise ValueError(f"known_redshift={known_redshift!r}: catalogue {catalog} has no such variable "
+                         f"(it has {', '.join(sorted(cat.data_vars))})")
 
     identity = {
         "prior_id": prior_ref.id, "emulator_id": emu_ref.id, "datamodel": datamodel.to_dict(),
         "settings": settings.to_dict(), "seed": int(seed), "catalog_sha256": cat.attrs.get("source_sha256"),
         "chunk_size": chunk_size, "n_galaxies": n, "parameters": list(names), "filters": list(filters),
+        "known_redshift": known_redshift,
     }
     token = hashlib.sha256(_canonical({**identity, "emulator": emu_ref.spec, "prior": prior_ref.spec}).encode()).hexdigest()
     job = _Job(str(catalog.resolve()), str(out.resolve()), token, emu_ref, prior_ref, filters,
-               datamodel.to_dict(), settings.to_dict(), int(seed), chunk_size, n, use_field)
+               datamodel.to_dict(), settings.to_dict(), int(seed), chunk_size, n, use_field, known_redshift)
     n_chunks = -(-n // chunk_size)
 
     with store_lock(out):

@@ -546,9 +546,12 @@ def refit_low_ess(posterior, catalog, prior, threshold: float, *, emulator, prog
             rows = idx[start : start + chunk]
             sub = cat.isel(galaxy=rows)
             field = np.asarray(sub["field"].values, np.int32) if datamodel.n_fields is not None else None
+            known = attrs.get("known_redshift")  # a store fitted at known redshifts is re-fitted at them too
+            redshift = None if known is None else np.asarray(sub[known].values, np.float64)
             key = jax.random.fold_in(jax.random.PRNGKey(int(attrs.get("seed", 0))), n_chunks + b)
             parts.append(fit_chunk(key, sub["flux"].values, sub["flux_err"].values, sub["mask"].values, emulator=emulator,
-                                   prior=prior, datamodel=datamodel, settings=settings, field=field, pad_to=chunk))
+                                   prior=prior, datamodel=datamodel, settings=settings, field=field, redshift=redshift,
+                                   pad_to=chunk))
         names = prior.space.names
         dims = ("refit", "chain", "draw")
         if parts:

@@ -188,3 +188,40 @@ def test_mass_anchor_leaves_the_prior_alone_when_the_data_say_nothing():
     # leaves room for that while a missing Jacobian (variance ~0.05 instead of 1/12) fails by tens of orders
     assert stats.kstest(u.ravel(), "uniform").pvalue > 1e-3
     assert abs(np.var(u) - 1 / 12) < 0.01
+
+
+def test_known_redshift_conditions_the_fit(toy_chunk):
+    """Galaxies with a known redshift are sampled at it (the other parameters from their conditional posterior); the
+    rest of the chunk (NaN) is fitted as usual. Two checks in one kernel compile:
+    - S/N 20, redshift known (rows 0-11): it comes out exactly, the log_mass intervals cover the truth and are
+      narrower than in the free fit (knowing z removes the redshift-mass degeneracy);
+    - S/N ~ 1e-3, redshift known (rows 12-15): the draws of the other parameters follow the (uniform) prior, as the
+      conditional posterior must when the data say nothing: the dummy coordinate that replaces the redshift adds no
+      density."""
+    truth, (flux, err, mask), free = toy_chunk
+    n_inf, n_known = 12, 16
+    z = truth[:, -1].astype(np.float64).copy()
+    z[n_known:] = np.nan
+    err = err.copy()
+    err[n_inf:n_known] = 1e3 * np.abs(flux[n_inf:n_known])
+    out = _fit(jax.random.key(4), flux, err, mask, redshift=z)
+    space = PRIOR.space
+    iz, im = space.index("redshift"), space.index("log_mass")
+    np.testing.assert_allclose(out["samples"][:n_known, ..., iz].reshape(n_known, -1), np.broadcast_to(z[:n_known, None], (n_known, 56 * 16)), rtol=1e-4)
+    assert np.ptp(out["samples"][n_known:, ..., iz].reshape(N_GAL - n_known, -1), axis=1).min() > 0  # unknown ones move
+    mass = out["samples"][:n_inf, ..., im].reshape(n_inf, -1)
+    lo, hi = np.percentile(mass, [2.5, 97.5], axis=1)
+    inside = int(np.sum((truth[:n_inf, im] >= lo) & (truth[:n_inf, im] <= hi)))
+    assert inside >= 10, f"{inside}/{n_inf} true masses inside the 95% intervals"  # Binomial(12, 0.95): P(<= 9) = 0.02
+    width_free = np.std(free["samples"][:n_inf, ..., im].reshape(n_inf, -1), axis=1)
+    assert np.median(np.std(mass, axis=1) / width_free) < 1.0
+    # the known redshift is left out of the diagnostics: the well-constrained galaxies still converge
+    assert out["converged"][:n_inf].mean() >= 0.75
+    # no information: log_mass and dust2 uniform on their ranges (last draw of each walker; threshold as in
+    # test_mass_anchor_leaves_the_prior_alone_when_the_data_say_nothing)
+    for name in ("log_mass", "dust2"):
+        i = space.index(name)
+        u = (out["samples"][n_inf:n_known, :, -1, i] - space.lower[i]) / (space.upper[i] - space.lower[i])
+        assert stats.kstest(u.ravel(), "uniform").pvalue > 1e-3, name
+    with pytest.raises(ValueError, match="galaxy 1"):
+        _fit(jax.random.key(4), flux[:2], err[:2], mask[:2], redshift=[0.5, space.upper[iz] + 1.0])

@@ -217,7 +217,22 @@ def test_changed_inputs_refused(reference, catalog, client):
         fit_catalog(catalog, reference, emulator=ToyEmulator(), prior=UniformPrior(),
                     settings=FitSettings(n_walkers=30, n_burn=20, n_draws=8, thin=2, init="top", n_init=256), seed=SEED,
                     chunk_size=CHUNK, client=client, progress=False, log=lambda *a: None)
+    with pytest.raises(StoreMismatchError, match="known_redshift: store has null, this run has \"z_spec\""):
+        _fit(catalog, reference, client, known_redshift="z_spec")
     assert_same_store(reference, reference)  # the refusals left it readable
+
+
+def test_known_redshift_from_the_catalogue(catalog, client, tmp_path):
+    """--known-redshift z_spec: every galaxy is fitted at its catalogue redshift, and the store records it."""
+    with pytest.raises(ValueError, match="'z_photo'.*has no such variable"):
+        _fit(catalog, tmp_path / "bad.zarr", client, known_redshift="z_photo")
+    out = tmp_path / "known.zarr"
+    _fit(catalog, out, client, known_redshift="z_spec", limit=2 * CHUNK)
+    tree = open_posterior(out)
+    assert tree.attrs["known_redshift"] == "z_spec"
+    z = tree["posterior"]["redshift"].values.reshape(2 * CHUNK, -1)
+    z_spec = xr.open_zarr(catalog, consolidated=False)["z_spec"].values[: 2 * CHUNK]
+    np.testing.assert_allclose(z, np.broadcast_to(z_spec[:, None], z.shape), rtol=1e-4)
 
 
 # ----------------------------------------------------------------------------- resume after kill -9
