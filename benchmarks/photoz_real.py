@@ -145,8 +145,7 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
     The galaxies are fitted by popflow under ``base_prior``; their pooled posterior draws are one EM step from
     ``base_prior`` toward the population's distribution (the mean of the posteriors is the EM update of a free-form
     population density). With ``known_redshift`` they are fitted at their spectroscopic redshifts, and each draw's
-    redshift gets a Gaussian kernel of ``Z_BANDWIDTH (1 + z)`` (a kernel density estimate of n(z), as
-    :func:`popflow.calibrate.nz_from_redshifts`; without it the prior's redshift marginal would be n_pop spikes).
+    redshift gets a Gaussian kernel of ``Z_BANDWIDTH (1 + z)`` (:func:`popflow.priors.samples.smooth_redshift`).
     A diffusion prior is trained on them and distilled into a flow, the diffusion prior's fast
     path. Every stage is cached in ``wd`` (the fit resumes), so a rerun costs nothing.
     """
@@ -155,7 +154,7 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
     from popflow.fit import FitSettings
     from popflow.pipeline import fit_catalog
     from popflow.priors import distill, load_prior, train_diffusion_prior
-    from popflow.priors.samples import read_samples
+    from popflow.priors.samples import read_samples, smooth_redshift
 
     kind = "specz_population" if known_redshift else "population"
     tag = wd / f"{kind}_{n_pop}_{seed}_{hashlib.sha256(json.dumps(datamodel.to_dict()).encode()).hexdigest()[:8]}"
@@ -172,9 +171,7 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
                 progress=False, log=log)
     theta = read_samples(fits, base_prior.space)
     if known_redshift:
-        iz, space = base_prior.space.index("redshift"), base_prior.space
-        z = theta[:, iz] + Z_BANDWIDTH * (1.0 + theta[:, iz]) * np.random.default_rng(seed + 3).standard_normal(len(theta))
-        theta[:, iz] = np.clip(z, space.lower[iz], space.upper[iz])
+        theta = smooth_redshift(theta, base_prior.space, Z_BANDWIDTH, seed=seed + 3)
     log(f"population prior: {len(theta)} pooled draws of {rows.size} training galaxies; training the diffusion prior")
     teacher = train_diffusion_prior(theta, base_prior.space, batch_size=2048, seed=seed, out=diffusion_dir, progress=False,
                                     source=f"pooled popflow posterior draws of {rows.size} {name} training galaxies"

@@ -226,9 +226,11 @@ def _cmd_prior_train(args) -> int:
     from popflow.params import DEFAULT_SPACE
     from popflow.priors import distill, train_diffusion_prior
     from popflow.priors.diffusion import SDE
-    from popflow.priors.samples import read_samples
+    from popflow.priors.samples import read_samples, smooth_redshift
 
     theta = read_samples(args.samples, DEFAULT_SPACE, max_samples=args.max_samples, seed=args.seed)
+    if args.redshift_bandwidth:
+        theta = smooth_redshift(theta, DEFAULT_SPACE, args.redshift_bandwidth, seed=args.seed)
     print(f"popflow prior train: {len(theta)} samples from {args.samples}")
     prior = train_diffusion_prior(theta, DEFAULT_SPACE, sde=SDE(args.sde, beta_max=args.beta_max), width=args.width,
                                   depth=args.depth, steps=args.steps,
@@ -403,6 +405,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="diffusion-time sampling of the loss: uniform (weighting std^2, default) or likelihood (g^2)")
     q.add_argument("--n-steps", type=int, default=16, help="Heun steps of the stored log-density solver (default: 16)")
     q.add_argument("--max-samples", type=int, default=None, help="train on a random subset of this many samples")
+    q.add_argument("--redshift-bandwidth", type=float, default=0.0, metavar="DZ",
+                   help="Gaussian kernel of DZ (1 + z) on each redshift, for draws fitted at known redshifts (e.g. 0.01)")
     q.add_argument("--distill", default=None, metavar="DIR", help="also distil a fast flow prior into DIR")
     q.add_argument("--distill-samples", type=int, default=200_000, help="teacher draws for the flow (default: 200000)")
     q.add_argument("--distill-steps", type=int, default=5000, help="flow training steps (default: 5000)")

@@ -8,7 +8,7 @@ import numpy as np
 
 from popflow.params import ParameterSpace
 
-__all__ = ["read_samples"]
+__all__ = ["read_samples", "smooth_redshift"]
 
 
 def read_samples(path, space: ParameterSpace, *, max_samples: int | None = None, seed: int = 0) -> np.ndarray:
@@ -49,3 +49,20 @@ def read_samples(path, space: ParameterSpace, *, max_samples: int | None = None,
     if max_samples is not None and len(x) > max_samples:
         x = x[np.random.default_rng(seed).choice(len(x), max_samples, replace=False)]
     return space.check(x, str(path))
+
+
+def smooth_redshift(theta, space: ParameterSpace, bandwidth: float, *, seed: int = 0) -> np.ndarray:
+    """Samples (n, dim) physical with each redshift moved by a Gaussian kernel of ``bandwidth (1 + z)``.
+
+    For draws of fits at known redshifts (``popflow fit --known-redshift``): every galaxy's draws share one
+    redshift, so without a kernel the prior's redshift marginal would be a spike per galaxy. The kernel makes it
+    a kernel density estimate of n(z), as :func:`popflow.calibrate.nz_from_redshifts` does; values are clipped
+    to the parameter box. Returns a new array; the other columns are unchanged.
+    """
+    if not bandwidth >= 0:
+        raise ValueError(f"redshift bandwidth {bandwidth} must be >= 0")
+    x = np.array(theta, np.float32)
+    i = space.index("redshift")
+    z = x[:, i] + bandwidth * (1.0 + x[:, i]) * np.random.default_rng(seed).standard_normal(len(x))
+    x[:, i] = np.clip(z, space.lower[i], space.upper[i])
+    return x
