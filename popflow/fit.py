@@ -273,9 +273,10 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
     free). A known redshift replaces the sampler's redshift coordinate, which
     then carries a unit-normal dummy and is left out of tau and R-hat; the
     prior is evaluated at it, i.e. the draws follow the conditional posterior
-    (``log_prior`` is then the joint density at the known redshift). Outputs: ``samples`` (n_gal, n_walkers, n_draws, dim)
-    physical (chain axis: module docstring); ``log_prior`` (physical density),
-    ``log_likelihood`` (n_gal, n_walkers, n_draws); per galaxy (n_gal,):
+    (``log_prior`` is then the joint density at the known redshift).
+    Outputs: ``samples`` (n_gal, n_walkers, n_draws, dim) physical (chain axis:
+    module docstring); ``log_prior`` (physical density), ``log_likelihood``
+    (n_gal, n_walkers, n_draws); per galaxy (n_gal,):
     ``acceptance_rate``, ``tau`` (steps), ``ess``, ``rhat``, ``converged``,
     ``usable``. Galaxies without a usable band are sampled from the prior
     internally (finite, harmless) and come out NaN. Galaxy g's randomness comes
@@ -528,6 +529,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         flux = jnp.where(mask, flux, 0.0)
         flux_err = jnp.where(mask, flux_err, 1.0)
         z_known = None if redshift is None else jnp.asarray(redshift, jnp.float32)
+        # data[:4] feed the likelihood, data[4:] (anchor weights, known redshifts) the map psi -> phi (decode)
         data = (flux, flux_err, mask, field, anchor_weights(flux, flux_err, mask), z_known)
         k_init, k_burn, k_draw = (jax.random.fold_in(key, i) for i in range(3))
         psi0, mixture = initialise(k_init, data)
