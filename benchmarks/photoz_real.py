@@ -15,7 +15,7 @@ with the data set's shipped emulator, runs in two variants:
 
 - "as shipped": unit zero points, the emulator's measured error floor, AnalyticPrior (uniform z);
 - "calibrated": ``popflow.calibrate.calibrate`` on ``--n-calib`` training galaxies (zero points
-  and floors at z_spec), and the AnalyticPrior with an n(z) fitted to the training redshifts
+  and floors at z_spec; with ``--rest-frame`` also a rest-frame correction of the model SEDs), and the AnalyticPrior with an n(z) fitted to the training redshifts
   (:func:`popflow.calibrate.nz_from_redshifts`; the peers train on the same redshifts);
 - "population": the calibrated data model and a population prior learned from the training part
   (:func:`population_prior`: popflow's fits of ``--n-pop`` training galaxies under the calibrated
@@ -186,12 +186,13 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
 
 
 def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIANTS, n_pop=1000, calib_iterations=None,
-                log=print):
+                rest_frame=False, filter_path=None, log=print):
     """Fit the test subset in each variant (module docstring); returns (rows, diagnostics)."""
     import jax
 
     from popflow.calibrate import calibrate, nz_from_redshifts, save_datamodel
     from popflow.datamodel import DataModel
+    from popflow.filters import load_filter
     from popflow.fit import FitSettings
     from popflow.pipeline import fit_catalog, load_model
     from popflow.priors import AnalyticPrior
@@ -204,22 +205,25 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
         test.chunk({"galaxy": 1000}).to_zarr(test_store, consolidated=False)
     ftr, etr, mtr, ztr = arrays(train)
     rows = np.sort(np.random.default_rng(seed).choice(train.sizes["galaxy"], min(n_calib, train.sizes["galaxy"]), replace=False))
-    iters = "" if calib_iterations is None else f"_it{calib_iterations}"
+    iters = ("" if calib_iterations is None else f"_it{calib_iterations}") + ("_rest" if rest_frame else "")
     dm_path = wd / f"datamodel_{DATASETS[name]['emulator']}_{rows.size}_{seed}{iters}.json"  # cached: calibration is the slow part of a rerun
     if dm_path.exists():
         saved = json.loads(dm_path.read_text())
         dm, report, t_cal = DataModel.from_dict(saved), saved["calibration"], saved["seconds"]
     else:
         t0 = time.perf_counter()
+        lam = [load_filter(f, search_path=filter_path).effective_wavelength for f in train.attrs["filters"]] if rest_frame else None
         dm, report = calibrate(jax.random.PRNGKey(seed), ftr[rows], etr[rows], mtr[rows], ztr[rows], emulator=emu,
-                               prior=AnalyticPrior(space=emu.space), n_iter=calib_iterations, log=log)
+                               prior=AnalyticPrior(space=emu.space), n_iter=calib_iterations, rest_frame=rest_frame,
+                               band_wavelength=lam, log=log)
         t_cal = time.perf_counter() - t0
         save_datamodel(dm_path, dm, {"filters": list(train.attrs["filters"]), "calibration": report, "seconds": t_cal})
     calibrated_prior = AnalyticPrior(space=emu.space, nz=nz_from_redshifts(ztr))
     runs = {
         "shipped": lambda: ("as shipped: unit zero points, emulator floor, uniform z", DataModel.from_emulator(emu),
                             AnalyticPrior(space=emu.space), 0.0),
-        "calibrated": lambda: ("calibrated zero points + floors, training n(z)", dm, calibrated_prior, t_cal),
+        "calibrated": lambda: ("calibrated zero points + floors" + (" + rest-frame correction" if rest_frame else "")
+                               + ", training n(z)", dm, calibrated_prior, t_cal),
         "population": lambda: (f"calibrated + population prior from {n_pop} training fits", dm,
                                *population_prior(name, train, wd, dm, calibrated_prior, settings, seed, n_pop, log=log)),
         "specz_population": lambda: (f"calibrated + population prior from {n_pop} training fits at z_spec", dm,
@@ -230,7 +234,7 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
     for v in variants:
         i = VARIANTS.index(v)
         label, datamodel, prior, t_train = runs[v]()
-        post = wd / f"posterior_{i}.zarr"
+        post = wd / f"posterior_{i}{'_rest' if rest_frame else ''}.zarr"
         r = fit_catalog(test_store, post, emulator=DATASETS[name]["emulator"], prior=prior, datamodel=datamodel, settings=FitSettings(**settings),
                         seed=seed, workers=1, overwrite=True, progress=False, log=log)
         m = metrics.evaluate_posterior(post, catalog=test_store, out_dir=wd / f"plots_{i}")
@@ -300,6 +304,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="popflow runs (module docstring)")
     ap.add_argument("--n-pop", type=int, default=1000, help="training galaxies fitted for the population prior")
     ap.add_argument("--calib-iterations", type=int, default=None, help="calibrate's n_iter (default: its own, 2 for the median method)")
+    ap.add_argument("--rest-frame", action="store_true", help="calibrate a rest-frame correction with the zero points")
     ap.add_argument("--walkers", type=int, default=32)
     ap.add_argument("--burn", type=int, default=400)
     ap.add_argument("--draws", type=int, default=32)
@@ -324,7 +329,7 @@ def main(argv=None) -> int:
         note = ""
         if args.popflow:
             pf, diag = run_popflow(name, train, test, args.work, args.n_calib, args.seed, settings, args.variants, args.n_pop,
-                                   args.calib_iterations)
+                                   args.calib_iterations, args.rest_frame, filter_path)
             rows |= pf
             note = (f"popflow: emulator `{DATASETS[name]['emulator']}`, AnalyticPrior, FitSettings({', '.join(f'{k}={v}' for k, v in settings.items())}), "
                     f"calibrated on {diag['n_calib']} training galaxies; point estimate = median of the redshift draws.\n\n")

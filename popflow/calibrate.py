@@ -45,7 +45,7 @@ import optax
 from popflow.datamodel import LOG_FLOOR_PER_MAG, DataModel
 from popflow.fit import mag_to_njy
 
-__all__ = ["nz_from_redshifts", "CALIBRATION_GROUPS", "CALIBRATION_METHODS", "free_all", "prior_median", "fit_fixed_z", "zero_point_update", "error_floor", "calibrate", "calibrate_catalog", "save_datamodel", "load_datamodel"]
+__all__ = ["nz_from_redshifts", "CALIBRATION_GROUPS", "CALIBRATION_METHODS", "REST_RANGE", "rest_frame_update", "free_all", "prior_median", "fit_fixed_z", "zero_point_update", "error_floor", "calibrate", "calibrate_catalog", "save_datamodel", "load_datamodel"]
 
 NMAD_SCALE = 1.4826
 _U_TINY = 1e-6
@@ -102,7 +102,8 @@ def fit_fixed_z(key, flux, flux_err, mask, z_spec, *, emulator, prior, datamodel
     0 (offsets that every galaxy's SED could mimic together, e.g. a smooth colour tilt
     against a dust or SFH shift, are not constrained by the data and stay near 0 instead of
     drifting), and stay fixed when ``fit_zero_points`` is False.
-    Returns (theta (n_gal, dim) physical, model_flux (n_gal, n_band) nJy before zero points,
+    Returns (theta (n_gal, dim) physical, model_flux (n_gal, n_band) nJy before zero points (with the data
+    model's rest-frame correction),
     log_post (n_gal,), zero_points (n_band,)).
     """
     space = emulator.space
@@ -118,12 +119,16 @@ def fit_fixed_z(key, flux, flux_err, mask, z_spec, *, emulator, prior, datamodel
     z = jnp.clip(jnp.asarray(z_spec, jnp.float32), space.lower[iz], space.upper[iz])
     x_cand = jax.random.normal(key, (n_cand * k,)).reshape(n_cand, k)
 
+    def model_magnitudes(theta):
+        """The emulator's magnitudes plus the data model's rest-frame correction."""
+        return emulator.magnitudes(theta) + datamodel.rest_correction(theta[..., iz])
+
     def latent(x, phi_z):
         return (phi_ref + P @ x).at[iz].set(phi_z)
 
     def log_post(phi, f, s, m):
         theta = space.from_latent(phi)
-        model = mag_to_njy(emulator.magnitudes(theta))
+        model = mag_to_njy(model_magnitudes(theta))
         lp = datamodel.log_likelihood(model, f, s, m) + prior.log_prob_latent(phi)
         return jnp.where(emulator.in_domain(theta) & jnp.isfinite(lp), lp, -jnp.inf)
 
@@ -132,7 +137,7 @@ def fit_fixed_z(key, flux, flux_err, mask, z_spec, *, emulator, prior, datamodel
         phi = jax.vmap(latent, in_axes=(0, None))(x_cand, phi_z)
         if jm is not None:  # mass to the best flux amplitude (exact mass scaling), back to latent
             theta = space.from_latent(phi)
-            unit = datamodel.model_flux(mag_to_njy(emulator.magnitudes(theta)))
+            unit = datamodel.model_flux(mag_to_njy(model_magnitudes(theta)))
             w = jnp.where(m, 1.0 / s**2, 0.0)
             amp = jnp.sum(w * f * unit, -1) / jnp.maximum(jnp.sum(w * unit * unit, -1), 1e-30)
             mass = jnp.clip(theta[:, im] + jnp.log10(jnp.maximum(amp, 1e-30)), lo_m, hi_m)
@@ -150,7 +155,7 @@ def fit_fixed_z(key, flux, flux_err, mask, z_spec, *, emulator, prior, datamodel
         zp = jnp.exp(u - jnp.mean(u))
         phi = jax.vmap(latent)(x, phi_z)
         theta = space.from_latent(phi)
-        model = zp * mag_to_njy(emulator.magnitudes(theta))
+        model = zp * mag_to_njy(model_magnitudes(theta))
         lp = dm.log_likelihood(model, f, s, m) + prior.log_prob_latent(phi)
         lp = jnp.where(emulator.in_domain(theta) & jnp.isfinite(lp), lp, -1e6)
         zp_mag = (2.5 / math.log(10.0)) * (u - jnp.mean(u))
@@ -177,7 +182,7 @@ def fit_fixed_z(key, flux, flux_err, mask, z_spec, *, emulator, prior, datamodel
         x, u = params
         _, lp = total_loss(params, f, s, m, phi_z)
         theta = space.from_latent(jax.vmap(latent)(x, phi_z)).at[:, iz].set(zg)
-        return theta, mag_to_njy(emulator.magnitudes(theta)), lp, jnp.exp(u - jnp.mean(u))
+        return theta, mag_to_njy(model_magnitudes(theta)), lp, jnp.exp(u - jnp.mean(u))
 
     u0 = jnp.log(jnp.asarray(datamodel.zero_points, jnp.float32))
     theta, model, lp, zp = run(flux, flux_err, mask, z, u0)
@@ -247,6 +252,39 @@ def error_floor(flux, flux_err, mask, model_flux, zero_points, *, n_free: int = 
     return floor, nmad0
 
 
+REST_RANGE = (900.0, 25_000.0)  # Angstrom: the rest-frame correction's default node range (Lyman limit to K band)
+
+
+def rest_frame_update(flux, flux_err, mask, model_flux, zero_points, redshift, band_wavelength, nodes, *,
+                      snr_min: float = 5.0, min_count: int = 20):
+    """Rest-frame correction step: median residual data - model (mag) per rest-wavelength node.
+
+    flux, flux_err, mask, model_flux (n_gal, n_band) (model before zero points, with the current
+    correction); zero_points, band_wavelength (n_band,) Angstrom; redshift (n_gal,); nodes (n_node,)
+    increasing, Angstrom. Each S/N >= snr_min detection goes to the node nearest (in log wavelength)
+    to its rest wavelength band_wavelength / (1 + z). Returns (offsets (n_node,) mag, 0 where fewer
+    than ``min_count`` detections, the overall count-weighted mean removed (degenerate with mass),
+    counts (n_node,)).
+    """
+    flux = np.asarray(flux, np.float64)
+    pred = np.asarray(zero_points, np.float64) * np.asarray(model_flux, np.float64)
+    good = np.asarray(mask) & (flux >= snr_min * np.asarray(flux_err)) & (pred > 0)
+    resid = -2.5 * np.log10(np.where(good, flux, 1.0) / np.where(good, pred, 1.0))
+    log_rest = np.log10(np.asarray(band_wavelength, np.float64))[None, :] - np.log10(1.0 + np.asarray(redshift, np.float64))[:, None]
+    log_nodes = np.log10(np.asarray(nodes, np.float64))
+    nearest = np.argmin(np.abs(log_rest[..., None] - log_nodes), axis=-1)
+    offsets, counts = np.zeros(len(log_nodes)), np.zeros(len(log_nodes), int)
+    for k in range(len(log_nodes)):
+        sel = good & (nearest == k)
+        counts[k] = int(sel.sum())
+        if counts[k] >= min_count:
+            offsets[k] = float(np.median(resid[sel]))
+    used = counts >= min_count
+    if used.any():
+        offsets[used] -= np.average(offsets[used], weights=counts[used])
+    return offsets, counts
+
+
 def free_all(space) -> tuple:
     """Calibration groups that free every parameter but the redshift, one group each."""
     return tuple((n,) for n in space.names if n != "redshift")
@@ -257,7 +295,8 @@ CALIBRATION_METHODS = ("median", "joint")
 
 def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataModel | None = None, method: str = "median",
               n_iter: int | None = None, tol: float = 0.002, snr_min: float = 5.0, robust_nu: float | None = 4.0,
-              emulator_floor: bool = True, fit_kwargs: dict | None = None, log=None):
+              emulator_floor: bool = True, rest_frame: bool = False, band_wavelength=None, rest_nodes: int = 24,
+              fit_kwargs: dict | None = None, log=None):
     """Zero points and error floors from a spectroscopic subset (module docstring).
 
     Inputs as :func:`fit_fixed_z`. ``base``: the starting data model (default the
@@ -276,8 +315,13 @@ def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataM
     BENCHMARKS.md). Floors use ``n_free=0`` (the prior holds most of the 13 directions).
     ``method="joint"``: zero points and :data:`CALIBRATION_GROUPS` fitted jointly
     (:func:`fit_fixed_z`); ``n_iter`` default 3.
+    ``rest_frame``: also calibrate a rest-frame correction (:class:`~popflow.datamodel.DataModel`) on
+    ``rest_nodes`` log-spaced nodes over :data:`REST_RANGE`; every iteration adds the median residual
+    per node (:func:`rest_frame_update`) after the zero-point step. Needs ``band_wavelength``
+    (n_band,) Angstrom, the bands' effective wavelengths (or a ``base`` that has them).
     Stops after ``n_iter`` iterations or when no zero point moved by more than ``tol``
-    (fractional). ``emulator_floor``: floors never go below the emulator's measured one.
+    (fractional) and no rest-frame offset by more than ``tol`` mag. ``emulator_floor``: floors never
+    go below the emulator's measured one.
     Returns (DataModel, report: method, zero points in mag, per-iteration values, per-band
     counts, residual scatter and the median observed/model ratio left per band).
     """
@@ -298,6 +342,13 @@ def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataM
         raise ValueError(f"calibrate: {int(np.sum(~np.isfinite(z_spec)))} galaxies have no finite z_spec; select the spectroscopic subset first")
     zp = np.asarray(base.zero_points, np.float64)
     zp = zp / math.exp(float(np.mean(np.log(zp))))
+    band_wavelength = base.band_wavelength if band_wavelength is None else band_wavelength
+    if rest_frame and band_wavelength is None:
+        raise ValueError("calibrate: rest_frame=True needs band_wavelength (the bands' effective wavelengths, Angstrom)")
+    nodes = np.geomspace(*REST_RANGE, rest_nodes) if rest_frame else base.rest_wavelength
+    offsets = (np.zeros(rest_nodes) if base.rest_offset is None else np.interp(np.log10(nodes), np.log10(base.rest_wavelength), base.rest_offset)) \
+        if rest_frame else base.rest_offset
+    counts = None
     minimum = emu_floor if emulator_floor else None
     floor = np.asarray(base.error_floor, np.float64) if minimum is None else np.maximum(np.asarray(base.error_floor, np.float64), minimum)
     history = []
@@ -313,7 +364,7 @@ def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataM
         n_free = len(fit_kwargs["groups"])
     n_iter = (2 if method == "median" else 3) if n_iter is None else n_iter
     for it in range(n_iter):
-        dm = DataModel(zp, floor, robust_nu)
+        dm = DataModel(zp, floor, robust_nu, band_wavelength, nodes, offsets)
         _, model, lp, new_zp = fit_fixed_z(jax.random.fold_in(key, it), flux, flux_err, mask, z_spec,
                                            emulator=emulator, prior=prior, datamodel=dm, **fit_kwargs)
         if method == "median":
@@ -322,14 +373,19 @@ def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataM
             new_zp = new_zp / math.exp(float(np.mean(np.log(new_zp))))
         change = new_zp / zp
         zp = new_zp
+        step = np.zeros(1)
+        if rest_frame:
+            step, counts = rest_frame_update(flux, flux_err, mask, model, zp, z_spec, band_wavelength, nodes, snr_min=snr_min)
+            offsets = offsets + step
         floor, nmad0 = error_floor(flux, flux_err, mask, model, zp, n_free=n_free, minimum=minimum)
         ratio, n_used = zero_point_update(flux, flux_err, mask, model, zp, snr_min=snr_min)
         history.append({"iteration": it, "zero_points": zp.tolist(), "error_floor": floor.tolist(),
-                        "residual_median_ratio": ratio.tolist(), "median_log_post": float(np.median(lp))})
+                        "residual_median_ratio": ratio.tolist(), "median_log_post": float(np.median(lp)),
+                        **({"rest_offset_mag": np.asarray(offsets).tolist()} if rest_frame else {})})
         if log is not None:
             log(f"calibrate: iteration {it}: zero points [mag] " + " ".join(f"{b}={-2.5 * np.log10(z):+.4f}" for b, z in zip(emulator.bands, zp))
                 + "; floors " + " ".join(f"{f:.3f}" for f in floor))
-        if np.all(np.abs(change - 1.0) < tol):
+        if np.all(np.abs(change - 1.0) < tol) and np.all(np.abs(step) < tol):
             break
     report = {
         "method": method,
@@ -344,16 +400,20 @@ def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataM
         "groups": [list(g) for g in fit_kwargs["groups"]],
         "iterations": history,
     }
-    return DataModel(zp, floor, base.student_t_nu), report
+    if rest_frame:
+        report |= {"rest_wavelength": nodes.tolist(), "rest_offset_mag": np.asarray(offsets).tolist(), "rest_counts": counts.tolist()}
+    return DataModel(zp, floor, base.student_t_nu, band_wavelength, nodes, offsets), report
 
 
 def calibrate_catalog(catalog, *, emulator, prior=None, z_var: str = "z_spec", z_min: float = 0.01, max_galaxies: int | None = 2000,
                       seed: int = 0, method: str = "median", n_iter: int | None = None, snr_min: float = 5.0,
-                      emulator_floor: bool = True, log=print):
+                      emulator_floor: bool = True, rest_frame: bool = False, filter_path=None, log=print):
     """Calibrate on the galaxies of a catalogue store that have ``z_var`` > ``z_min``.
 
     ``emulator`` / ``prior``: objects or specs accepted by :func:`popflow.pipeline.load_model`
     (prior default: the AnalyticPrior). A seeded random subset of ``max_galaxies`` is used.
+    ``rest_frame``: also a rest-frame correction (:func:`calibrate`); the bands' effective
+    wavelengths come from the catalogue's filter curves (``filter_path``: where to find them).
     Returns (DataModel, metadata dict ready for :func:`save_datamodel`).
     """
     from popflow.catalog import open_catalog
@@ -381,8 +441,14 @@ def calibrate_catalog(catalog, *, emulator, prior=None, z_var: str = "z_spec", z
     sub = ds.isel(galaxy=rows)
     flux, err, mask = (np.asarray(sub[v].values) for v in ("flux", "flux_err", "mask"))
     log(f"calibrate: {rows.size} galaxies with {z_var} from {catalog}, bands {', '.join(ds.attrs['bands'])}")
+    band_wavelength = None
+    if rest_frame:
+        from popflow.filters import load_filter
+
+        band_wavelength = [load_filter(f, search_path=filter_path).effective_wavelength for f in filters]
     dm, report = calibrate(jax.random.PRNGKey(seed), flux, err, mask, z[rows], emulator=emulator, prior=prior,
-                           method=method, n_iter=n_iter, snr_min=snr_min, emulator_floor=emulator_floor, log=log)
+                           method=method, n_iter=n_iter, snr_min=snr_min, emulator_floor=emulator_floor,
+                           rest_frame=rest_frame, band_wavelength=band_wavelength, log=log)
     meta = {
         "bands": list(ds.attrs["bands"]),
         "filters": filters,

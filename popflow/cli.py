@@ -195,7 +195,8 @@ def _cmd_calibrate(args) -> int:
     try:
         dm, meta = calibrate_catalog(args.catalog, emulator=args.emulator, prior=args.prior, z_var=args.truth,
                                      z_min=args.z_min, max_galaxies=args.max_galaxies, seed=args.seed, method=args.method,
-                                     n_iter=args.iterations, emulator_floor=not args.no_emulator_floor)
+                                     n_iter=args.iterations, emulator_floor=not args.no_emulator_floor,
+                                     rest_frame=args.rest_frame, filter_path=args.filter_path or None)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"popflow calibrate: error: {err}", file=sys.stderr)
         return 2
@@ -333,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iterations", type=int, default=None, help="fit / floor iterations (default: 2 for median, 3 for joint)")
     p.add_argument("--no-emulator-floor", action="store_true", help="let the error floors go below the emulator's measured floor")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--rest-frame", action="store_true",
+                   help="also calibrate a rest-frame correction of the model SEDs (residuals at z_spec by rest wavelength)")
+    p.add_argument("--filter-path", action="append", default=[],
+                   help="folder searched for filter curve files, for --rest-frame (repeatable; also $POPFLOW_FILTER_PATH)")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("info", help="describe a catalogue or posterior store")

@@ -11,6 +11,15 @@ as in COSMOS2020 / pop-cosmos (Alsing et al. 2024, Thorp et al. 2024), fitted
 in flux space so that negative fluxes and non-detections are ordinary data and
 masked bands contribute nothing.
 
+Optionally a rest-frame correction ``delta(lambda_rest)`` (mag, linear in
+log10 wavelength between nodes, constant beyond the end nodes) is added to the
+model magnitudes, ``m_gb -> m_gb + delta(lambda_b / (1 + z_g))`` with
+``lambda_b`` the band's effective wavelength: the SPS model's systematic
+mismatch with real SEDs, which lives in the rest frame where zero points (fixed
+in the observed frame) cannot absorb it. It is the counterpart of the template
+corrections of EAZY and LePhare (Brammer et al. 2008; Ilbert et al. 2006) and is
+calibrated with the zero points (:mod:`popflow.calibrate`).
+
 The floor scales the MODEL flux, not the observed one. It stands for the
 emulator's and the SPS model's fractional error, which is a property of the
 model prediction; scaling the observed flux instead would give noise-fluctuated
@@ -64,6 +73,12 @@ class DataModel:
     student_t_nu : float or None
         ``None`` for a Gaussian likelihood; otherwise the degrees of freedom of
         a Student-t likelihood with scale sigma (robust to outlying bands).
+    band_wavelength : (n_band,) or None
+        Effective wavelengths of the bands, Angstrom (observed frame); needed
+        by a rest-frame correction.
+    rest_wavelength, rest_offset : (n_node,) or None
+        The rest-frame correction's nodes (Angstrom, increasing) and its value
+        there (mag added to the model magnitudes); both None for none.
 
     The object is frozen and hashable (arrays are stored as tuples), so it can
     key a cache of compiled fit kernels.
@@ -72,6 +87,9 @@ class DataModel:
     zero_points: tuple
     error_floor: tuple
     student_t_nu: float | None = None
+    band_wavelength: tuple | None = None
+    rest_wavelength: tuple | None = None
+    rest_offset: tuple | None = None
 
     def __post_init__(self):
         zp = _as_tuple(self.zero_points, (1, 2), "zero_points")
@@ -90,6 +108,20 @@ class DataModel:
             if not nu > 0:
                 raise ValueError(f"DataModel: student_t_nu must be positive or None, got {self.student_t_nu}")
             object.__setattr__(self, "student_t_nu", nu)
+        for name in ("band_wavelength", "rest_wavelength", "rest_offset"):
+            if getattr(self, name) is not None:
+                object.__setattr__(self, name, _as_tuple(getattr(self, name), (1,), name))
+        if (self.rest_wavelength is None) != (self.rest_offset is None):
+            raise ValueError("DataModel: rest_wavelength and rest_offset come together (both or neither)")
+        if self.rest_wavelength is not None:
+            nodes = np.asarray(self.rest_wavelength)
+            if len(nodes) != len(self.rest_offset) or len(nodes) < 2 or np.any(np.diff(nodes) <= 0) or nodes[0] <= 0:
+                raise ValueError(f"DataModel: rest_wavelength must be >= 2 increasing positive nodes matching rest_offset "
+                                 f"({len(nodes)} nodes, {len(self.rest_offset)} offsets)")
+            if self.band_wavelength is None:
+                raise ValueError("DataModel: a rest-frame correction needs band_wavelength (the bands' effective wavelengths)")
+        if self.band_wavelength is not None and (len(self.band_wavelength) != len(floor) or min(self.band_wavelength) <= 0):
+            raise ValueError(f"DataModel: band_wavelength needs {len(floor)} positive values, got {list(self.band_wavelength)}")
 
     # --- constructors ------------------------------------------------------
     @classmethod
@@ -125,15 +157,25 @@ class DataModel:
         return zp.shape[0] if zp.ndim == 2 else None
 
     def to_dict(self) -> dict:
-        return {
+        d = {
             "zero_points": np.asarray(self.zero_points).tolist(),
             "error_floor": list(self.error_floor),
             "student_t_nu": self.student_t_nu,
         }
+        for name in ("band_wavelength", "rest_wavelength", "rest_offset"):  # only when set: older dicts stay as they were
+            if getattr(self, name) is not None:
+                d[name] = list(getattr(self, name))
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataModel":
-        return cls(d["zero_points"], d["error_floor"], d.get("student_t_nu"))
+        return cls(d["zero_points"], d["error_floor"], d.get("student_t_nu"), d.get("band_wavelength"),
+                   d.get("rest_wavelength"), d.get("rest_offset"))
+
+    def with_rest_correction(self, rest_wavelength, rest_offset) -> "DataModel":
+        """This data model with another rest-frame correction (nodes in Angstrom, offsets in mag)."""
+        return DataModel(self.zero_points, self.error_floor, self.student_t_nu, self.band_wavelength, rest_wavelength,
+                         rest_offset)
 
     # --- validation (imperative shell side) --------------------------------
     def validate(self, flux, flux_err, mask, field=None, where: str = "catalogue") -> None:
@@ -179,6 +221,14 @@ class DataModel:
                 raise ValueError(f"{where}: field index {field[g]} at galaxy {g} is outside the zero-point table's {n_fields} fields")
 
     # --- the pure core -----------------------------------------------------
+    def rest_correction(self, redshift):
+        """Magnitudes added to the model's, (..., n_band), for redshifts (...); 0.0 without a correction. Pure jax."""
+        if self.rest_offset is None:
+            return 0.0
+        log_rest = jnp.log10(jnp.asarray(self.band_wavelength, jnp.float32)) - jnp.log10(1.0 + jnp.asarray(redshift))[..., None]
+        return jnp.interp(log_rest, jnp.log10(jnp.asarray(self.rest_wavelength, jnp.float32)),
+                          jnp.asarray(self.rest_offset, jnp.float32))
+
     def model_flux(self, flux, field=None):
         """Zero-pointed model flux ``zp * F``; ``flux`` (..., n_band) nJy, ``field`` int broadcastable to (...)."""
         zp = jnp.asarray(self.zero_points, dtype=jnp.float32)

@@ -294,6 +294,10 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
     mid_mass = 0.5 * (lo_mass + hi_mass)  # from_latent's log_mass at latent 0
     init_log_prior = getattr(prior, "init_log_prob_latent", prior.log_prob_latent)  # a duck-typed prior may lack it
 
+    def model_magnitudes(theta):
+        """The emulator's magnitudes plus the data model's rest-frame correction, (..., dim) -> (..., B)."""
+        return emulator.magnitudes(theta) + datamodel.rest_correction(theta[..., i_z])
+
     def sym(h):
         return 0.5 * (h + jnp.swapaxes(h, -1, -2))
 
@@ -310,7 +314,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
 
     def unit_magnitudes(phi):
         """Magnitudes at the box's middle log_mass, whatever phi's; (G, k, dim) -> (G, k, B)."""
-        return emulator.magnitudes(space.from_latent(phi.at[..., i_mass].set(0.0)))
+        return model_magnitudes(space.from_latent(phi.at[..., i_mass].set(0.0)))
 
     def fix_redshift(psi, z_known):
         """Known redshifts (G,) physical, NaN where free, into psi (G, k, dim): returns psi with the redshift
@@ -338,7 +342,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         one emulator call."""
         psi, log_dummy = fix_redshift(psi, z_known)
         if not s.mass_anchor:
-            return psi, emulator.magnitudes(space.from_latent(psi)), log_dummy, True
+            return psi, model_magnitudes(space.from_latent(psi)), log_dummy, True
         m_mid = unit_magnitudes(psi)
         log_mass = psi[..., i_mass] + mid_mass + 0.4 * jnp.sum(weights[:, None] * m_mid, axis=-1)
         u = (log_mass - lo_mass) / (hi_mass - lo_mass)
@@ -399,7 +403,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
 
     def candidate_picks(key, flux, flux_err, mask, field, z_known):
         cand = space.from_latent(jax.random.normal(key, (s.n_init * dim,)).reshape(s.n_init, dim))  # (K, dim) physical
-        unit = mag_to_njy(emulator.magnitudes(cand))  # (K, B) fluxes at the candidates' own masses
+        unit = mag_to_njy(model_magnitudes(cand))  # (K, B) fluxes at the candidates' own masses
         lz = jnp.log1p(cand[:, i_z])
         zbin = jnp.clip(((lz - np.log1p(lo_z)) / (np.log1p(hi_z) - np.log1p(lo_z)) * s.n_starts).astype(jnp.int32), 0, s.n_starts - 1)
         fld = jnp.zeros(flux.shape[0], jnp.int32) if field is None else field
@@ -413,7 +417,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
             # candidates moved to the galaxy's known redshift: one emulator call per candidate and galaxy; the
             # redshift bins of their original draws still split them into n_starts groups of distinct starts
             at_z = jnp.where(jnp.isnan(z), cand, cand.at[:, i_z].set(z))
-            return pick_one(mag_to_njy(emulator.magnitudes(at_z)), at_z, zbin, f, e, m, fl)
+            return pick_one(mag_to_njy(model_magnitudes(at_z)), at_z, zbin, f, e, m, fl)
 
         return jax.lax.map(per_gal, (flux, flux_err, mask, fld, zk), batch_size=_INIT_BATCH)
 
