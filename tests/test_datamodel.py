@@ -154,8 +154,8 @@ def test_rest_frame_correction_samples_the_bands_rest_wavelengths():
     dm = DataModel([1.0, 1.0], [0.0, 0.0], band_wavelength=[4000.0, 8000.0], rest_wavelength=[1000.0, 2000.0, 4000.0],
                    rest_offset=[0.3, 0.1, -0.2])
     # z = 1: the bands sample 2000 A (node value 0.1) and 4000 A (-0.2); z = 3: 1000 A and 2000 A; z = 0: 4000 A and
-    # beyond the last node (held at its value); halfway in log wavelength between nodes: the mean of the two
-    got = np.asarray(dm.rest_correction(np.array([1.0, 3.0, 0.0, 4000.0 / 2 ** 1.5 - 1.0])))
+    # beyond the last node (held at its value); z = sqrt(2) - 1: 2828 A, halfway in log between nodes (their mean)
+    got = np.asarray(dm.rest_correction(np.array([1.0, 3.0, 0.0, 2 ** 0.5 - 1.0])))
     np.testing.assert_allclose(got, [[0.1, -0.2], [0.3, 0.1], [-0.2, -0.2], [-0.05, -0.2]], atol=1e-5)
     assert DataModel([1.0, 1.0], [0.0, 0.0]).rest_correction(np.array([1.0])) == 0.0
     again = DataModel.from_dict(dm.to_dict())
