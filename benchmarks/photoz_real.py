@@ -186,7 +186,7 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
 
 
 def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIANTS, n_pop=1000, calib_iterations=None,
-                rest_frame=False, filter_path=None, log=print):
+                rest_frame=False, filter_path=None, emulator_floor=True, log=print):
     """Fit the test subset in each variant (module docstring); returns (rows, diagnostics)."""
     import jax
 
@@ -205,7 +205,8 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
         test.chunk({"galaxy": 1000}).to_zarr(test_store, consolidated=False)
     ftr, etr, mtr, ztr = arrays(train)
     rows = np.sort(np.random.default_rng(seed).choice(train.sizes["galaxy"], min(n_calib, train.sizes["galaxy"]), replace=False))
-    iters = ("" if calib_iterations is None else f"_it{calib_iterations}") + ("_rest" if rest_frame else "")
+    iters = ("" if calib_iterations is None else f"_it{calib_iterations}") + ("_rest" if rest_frame else "") \
+        + ("" if emulator_floor else "_nofloor")
     dm_path = wd / f"datamodel_{DATASETS[name]['emulator']}_{rows.size}_{seed}{iters}.json"  # cached: calibration is the slow part of a rerun
     if dm_path.exists():
         saved = json.loads(dm_path.read_text())
@@ -215,14 +216,15 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
         lam = [load_filter(f, search_path=filter_path).effective_wavelength for f in train.attrs["filters"]] if rest_frame else None
         dm, report = calibrate(jax.random.PRNGKey(seed), ftr[rows], etr[rows], mtr[rows], ztr[rows], emulator=emu,
                                prior=AnalyticPrior(space=emu.space), n_iter=calib_iterations, rest_frame=rest_frame,
-                               band_wavelength=lam, log=log)
+                               band_wavelength=lam, emulator_floor=emulator_floor, log=log)
         t_cal = time.perf_counter() - t0
         save_datamodel(dm_path, dm, {"filters": list(train.attrs["filters"]), "calibration": report, "seconds": t_cal})
     calibrated_prior = AnalyticPrior(space=emu.space, nz=nz_from_redshifts(ztr))
     runs = {
         "shipped": lambda: ("as shipped: unit zero points, emulator floor, uniform z", DataModel.from_emulator(emu),
                             AnalyticPrior(space=emu.space), 0.0),
-        "calibrated": lambda: ("calibrated zero points + floors" + (" + rest-frame correction" if rest_frame else "")
+        "calibrated": lambda: ("calibrated zero points + floors" + ("" if emulator_floor else " (no emulator minimum)")
+                               + (" + rest-frame correction" if rest_frame else "")
                                + ", training n(z)", dm, calibrated_prior, t_cal),
         "population": lambda: (f"calibrated + population prior from {n_pop} training fits", dm,
                                *population_prior(name, train, wd, dm, calibrated_prior, settings, seed, n_pop, log=log)),
@@ -234,7 +236,7 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
     for v in variants:
         i = VARIANTS.index(v)
         label, datamodel, prior, t_train = runs[v]()
-        post = wd / f"posterior_{i}{'_rest' if rest_frame else ''}.zarr"
+        post = wd / f"posterior_{i}{iters}.zarr"
         r = fit_catalog(test_store, post, emulator=DATASETS[name]["emulator"], prior=prior, datamodel=datamodel, settings=FitSettings(**settings),
                         seed=seed, workers=1, overwrite=True, progress=False, log=log)
         m = metrics.evaluate_posterior(post, catalog=test_store, out_dir=wd / f"plots_{i}")
@@ -305,6 +307,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-pop", type=int, default=1000, help="training galaxies fitted for the population prior")
     ap.add_argument("--calib-iterations", type=int, default=None, help="calibrate's n_iter (default: its own, 2 for the median method)")
     ap.add_argument("--rest-frame", action="store_true", help="calibrate a rest-frame correction with the zero points")
+    ap.add_argument("--no-emulator-floor", action="store_true", help="let the calibrated floors go below the emulator's")
     ap.add_argument("--walkers", type=int, default=32)
     ap.add_argument("--burn", type=int, default=400)
     ap.add_argument("--draws", type=int, default=32)
@@ -329,7 +332,7 @@ def main(argv=None) -> int:
         note = ""
         if args.popflow:
             pf, diag = run_popflow(name, train, test, args.work, args.n_calib, args.seed, settings, args.variants, args.n_pop,
-                                   args.calib_iterations, args.rest_frame, filter_path)
+                                   args.calib_iterations, args.rest_frame, filter_path, not args.no_emulator_floor)
             rows |= pf
             note = (f"popflow: emulator `{DATASETS[name]['emulator']}`, AnalyticPrior, FitSettings({', '.join(f'{k}={v}' for k, v in settings.items())}), "
                     f"calibrated on {diag['n_calib']} training galaxies; point estimate = median of the redshift draws.\n\n")
