@@ -316,7 +316,8 @@ def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataM
     ``method="joint"``: zero points and :data:`CALIBRATION_GROUPS` fitted jointly
     (:func:`fit_fixed_z`); ``n_iter`` default 3.
     ``rest_frame``: also calibrate a rest-frame correction (:class:`~popflow.datamodel.DataModel`) on
-    ``rest_nodes`` log-spaced nodes over :data:`REST_RANGE`; every iteration adds the median residual
+    ``rest_nodes`` log-spaced nodes over :data:`REST_RANGE` (or on the nodes of ``base``'s correction,
+    starting from its values); every iteration adds the median residual
     per node (:func:`rest_frame_update`) after the zero-point step. Needs ``band_wavelength``
     (n_band,) Angstrom, the bands' effective wavelengths (or a ``base`` that has them).
     Stops after ``n_iter`` iterations or when no zero point moved by more than ``tol``
@@ -345,9 +346,9 @@ def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataM
     band_wavelength = base.band_wavelength if band_wavelength is None else band_wavelength
     if rest_frame and band_wavelength is None:
         raise ValueError("calibrate: rest_frame=True needs band_wavelength (the bands' effective wavelengths, Angstrom)")
-    nodes = np.geomspace(*REST_RANGE, rest_nodes) if rest_frame else base.rest_wavelength
-    offsets = (np.zeros(rest_nodes) if base.rest_offset is None else np.interp(np.log10(nodes), np.log10(base.rest_wavelength), base.rest_offset)) \
-        if rest_frame else base.rest_offset
+    nodes, offsets = base.rest_wavelength, base.rest_offset  # a base's correction is kept (and refined with rest_frame)
+    if rest_frame and offsets is None:
+        nodes, offsets = np.geomspace(*REST_RANGE, rest_nodes), np.zeros(rest_nodes)
     counts = None
     minimum = emu_floor if emulator_floor else None
     floor = np.asarray(base.error_floor, np.float64) if minimum is None else np.maximum(np.asarray(base.error_floor, np.float64), minimum)
@@ -401,7 +402,7 @@ def calibrate(key, flux, flux_err, mask, z_spec, *, emulator, prior, base: DataM
         "iterations": history,
     }
     if rest_frame:
-        report |= {"rest_wavelength": nodes.tolist(), "rest_offset_mag": np.asarray(offsets).tolist(), "rest_counts": counts.tolist()}
+        report |= {"rest_wavelength": np.asarray(nodes).tolist(), "rest_offset_mag": np.asarray(offsets).tolist(), "rest_counts": counts.tolist()}
     return DataModel(zp, floor, base.student_t_nu, band_wavelength, nodes, offsets), report
 
 

@@ -172,11 +172,6 @@ class DataModel:
         return cls(d["zero_points"], d["error_floor"], d.get("student_t_nu"), d.get("band_wavelength"),
                    d.get("rest_wavelength"), d.get("rest_offset"))
 
-    def with_rest_correction(self, rest_wavelength, rest_offset) -> "DataModel":
-        """This data model with another rest-frame correction (nodes in Angstrom, offsets in mag)."""
-        return DataModel(self.zero_points, self.error_floor, self.student_t_nu, self.band_wavelength, rest_wavelength,
-                         rest_offset)
-
     # --- validation (imperative shell side) --------------------------------
     def validate(self, flux, flux_err, mask, field=None, where: str = "catalogue") -> None:
         """Raise a ValueError naming the galaxy (row) and band of the first bad entry.

@@ -132,6 +132,11 @@ _ANCHOR_MIN_WEIGHT = 1e-3  # anchor weight (S/N^2 units) of a band without posit
 _MIN_PRECISION = 1.0  # Laplace init: eigenvalues of -Hessian floored here (latent sd <= 1, the prior's own width)
 
 
+def _probit(u):
+    """Standard-normal quantile of u, clipped to [_U_TINY, 1 - _U_TINY] so the box edges stay finite."""
+    return ndtri(jnp.clip(u, _U_TINY, 1.0 - _U_TINY))
+
+
 def mag_to_njy(m):
     """AB magnitude -> flux density in nJy: ``10^(-0.4 (m - 31.4))``."""
     return jnp.power(10.0, -0.4 * (m - 31.4))
@@ -302,8 +307,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         return 0.5 * (h + jnp.swapaxes(h, -1, -2))
 
     def to_latent(theta):
-        u = (theta - space.lower) / (space.upper - space.lower)
-        return ndtri(jnp.clip(u, _U_TINY, 1.0 - _U_TINY))
+        return _probit((theta - space.lower) / (space.upper - space.lower))
 
     def anchor_weights(flux, flux_err, mask):
         """Band weights (G, B) of the anchored magnitude, summing to 1: inverse magnitude variances, floor included."""
@@ -323,8 +327,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         if z_known is None:
             return psi, 0.0
         known = ~jnp.isnan(z_known)
-        u = (jnp.where(known, z_known, lo_z) - lo_z) / (hi_z - lo_z)
-        phi_z = ndtri(jnp.clip(u, _U_TINY, 1.0 - _U_TINY))
+        phi_z = _probit((jnp.where(known, z_known, lo_z) - lo_z) / (hi_z - lo_z))
         fixed = jnp.where(known[:, None], phi_z[:, None], psi[..., i_z])
         return psi.at[..., i_z].set(fixed), jnp.where(known[:, None], norm.logpdf(psi[..., i_z]), 0.0)
 
@@ -346,7 +349,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
         m_mid = unit_magnitudes(psi)
         log_mass = psi[..., i_mass] + mid_mass + 0.4 * jnp.sum(weights[:, None] * m_mid, axis=-1)
         u = (log_mass - lo_mass) / (hi_mass - lo_mass)
-        phi_mass = ndtri(jnp.clip(u, _U_TINY, 1.0 - _U_TINY))
+        phi_mass = _probit(u)
         log_det = -np.log(hi_mass - lo_mass) - norm.logpdf(phi_mass)  # d phi_mass / d log_mass; d log_mass / d anchor = 1
         mags = m_mid - 2.5 * (log_mass - mid_mass)[..., None]  # exact mass scaling
         return psi.at[..., i_mass].set(phi_mass), mags, log_det + log_dummy, (u > 0.0) & (u < 1.0)
@@ -403,7 +406,8 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
 
     def candidate_picks(key, flux, flux_err, mask, field, z_known):
         cand = space.from_latent(jax.random.normal(key, (s.n_init * dim,)).reshape(s.n_init, dim))  # (K, dim) physical
-        unit = mag_to_njy(model_magnitudes(cand))  # (K, B) fluxes at the candidates' own masses
+        # (K, B) fluxes at the candidates' own masses, shared by the chunk; with known redshifts they are per galaxy
+        unit = mag_to_njy(model_magnitudes(cand)) if z_known is None else None
         lz = jnp.log1p(cand[:, i_z])
         zbin = jnp.clip(((lz - np.log1p(lo_z)) / (np.log1p(hi_z) - np.log1p(lo_z)) * s.n_starts).astype(jnp.int32), 0, s.n_starts - 1)
         fld = jnp.zeros(flux.shape[0], jnp.int32) if field is None else field
