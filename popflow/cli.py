@@ -58,6 +58,34 @@ def _cmd_emulator_train(args) -> int:
     return 0
 
 
+def _cmd_sps_spectra(args) -> int:
+    from popflow.sps.spectra import simulate_spectra
+
+    out = simulate_spectra(args.out, args.n, seed=args.seed, chunk_size=args.chunk_size, proposal=args.proposal,
+                           workers=args.workers, max_chunks=args.max_chunks, search_path=args.filter_path,
+                           progress=not args.no_progress)
+    print(f"popflow sps spectra: wrote {out}")
+    return 0
+
+
+def _cmd_emulator_train_spectral(args) -> int:
+    from popflow.emulator.train_spectral import SpectralConfig, package_spectral, train_from_spectra
+
+    cfg = SpectralConfig(n_pca=args.n_pca, steps=args.steps, batch_size=args.batch_size,
+                         learning_rate=args.learning_rate, seed=args.seed)
+    command = (f"popflow emulator train-spectral {args.store} --out {args.out} --steps {args.steps} "
+               f"--n-pca {args.n_pca} --batch-size {args.batch_size} --learning-rate {args.learning_rate} "
+               f"--seed {args.seed}" + (f" --validation {args.validation}" if args.validation else ""))
+    finished = train_from_spectra(args.store, args.out, cfg, resume=args.resume,
+                                  max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes)
+    if not finished:
+        print("popflow emulator train-spectral: stopped at the time limit; continue with --resume")
+        return 0
+    package_spectral(args.out, args.store, Path(args.out) / "emulator", validation=args.validation,
+                     search_path=args.filter_path, command=command)
+    return 0
+
+
 def _cmd_emulator_evaluate(args) -> int:
     from popflow.emulator import Emulator
     from popflow.emulator.train import describe_accuracy, set_prior_accuracy
@@ -365,6 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing store")
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_sps_simulate)
+    q = sps_sub.add_parser("spectra", help="generate (or resume) rest-frame bagpipes spectra for the spectral emulator")
+    q.add_argument("--n", type=int, required=True, help="number of models")
+    q.add_argument("--out", required=True, help="output store (.zarr); an existing one with the same settings is resumed")
+    q.add_argument("--seed", type=int, default=0, help="master seed (default: 0)")
+    q.add_argument("--workers", type=int, default=1, help="worker processes (default: 1, in this process)")
+    q.add_argument("--chunk-size", type=int, default=1000, help="models per chunk (default: 1000)")
+    q.add_argument("--proposal", choices=("wide", "prior", "uniform"), default="wide", help="as for simulate (default: wide)")
+    q.add_argument("--filter-path", action="append", default=[], help="folder searched for filter curve files (repeatable; also $POPFLOW_FILTER_PATH)")
+    q.add_argument("--max-chunks", type=int, default=None, help="stop after this many new chunks (re-run to continue)")
+    q.add_argument("--no-progress", action="store_true", help="no progress bar")
+    q.set_defaults(func=_cmd_sps_spectra)
 
     p = sub.add_parser("emulator", help="train and package SPS emulators")
     em_sub = p.add_subparsers(dest="emulator_command", required=True, metavar="ACTION")
@@ -383,6 +422,20 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long; resume later")
     q.set_defaults(func=_cmd_emulator_train)
+    q = em_sub.add_parser("train-spectral", help="train (or resume) the spectral emulator on a `popflow sps spectra` "
+                          "store; when done, writes the artifact (every filter of the store) to OUT/emulator")
+    q.add_argument("store", help="spectra store written by `popflow sps spectra`")
+    q.add_argument("--out", required=True, help="run folder (checkpoint.npz, train.log, the artifact in emulator/)")
+    q.add_argument("--validation", default=None, help="prior-drawn validation set (accuracy and error floor)")
+    q.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.npz")
+    q.add_argument("--steps", type=int, default=100_000, help="Adam steps (default: 100000)")
+    q.add_argument("--n-pca", type=int, default=96, help="continuum PCA components (default: 96)")
+    q.add_argument("--batch-size", type=int, default=1024)
+    q.add_argument("--learning-rate", type=float, default=2e-3, help="peak learning rate (cosine decay)")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--filter-path", action="append", default=[], help="folder searched for filter curve files (also $POPFLOW_FILTER_PATH)")
+    q.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long; resume later")
+    q.set_defaults(func=_cmd_emulator_train_spectral)
     q = em_sub.add_parser("evaluate", help="measure an emulator folder on a prior-drawn validation set; updates its "
                           "accuracy and error floor in place")
     q.add_argument("emulator", help="emulator artifact folder")

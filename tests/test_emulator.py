@@ -21,8 +21,38 @@ VALIDATION = Path(__file__).parent / "data" / "emulator_validation"
 SHIPPED_NAMES = ("lsst", "sdss", "cfhtls", "hsc", "zcosmos_bright")
 
 
+def random_spectral_emulator(n_bands=4, seed=0) -> Emulator:
+    """An untrained spectral-design emulator on a toy rest grid with ``n_bands`` box filters."""
+    from popflow.emulator.train_spectral import spectral_arrays
+    from popflow.filters import Filter
+
+    n_pix, step = 700, np.log(1.005)
+    wave = 400.0 * np.exp(step * np.arange(n_pix))
+    igm_z = np.arange(0.0, 10.01, 0.01)
+    grid = {"wave": wave, "width": wave * 2 * np.sinh(step / 2), "line_pixel": np.array([485.0, 600.0]),
+            "igm_z": igm_z, "igm_table": np.ones((n_pix, igm_z.size))}
+    k1, k2 = jax.random.split(jax.random.PRNGKey(seed))
+    n_in, n_pca = SPACE.dim - 1 + 7, 4
+    run = {"cont": init_mlp(k1, n_in, (16,), n_pca, 1), "lines": init_mlp(k2, n_in, (8,), 2, 1),
+           "x_mean": np.zeros(n_in), "x_std": np.ones(n_in), "c_mean": np.zeros(n_pca), "c_std": np.full(n_pca, 0.1),
+           "pca_mean": np.full(n_pix, -4.0), "pca_basis": np.linalg.qr(np.random.default_rng(seed).normal(size=(n_pix, n_pca)))[0].T,
+           "l_mean": np.full(2, -2.0), "l_std": np.full(2, 0.1)}
+    from popflow.artifacts import flatten_tree
+
+    flat = {**flatten_tree(jax.tree.map(np.asarray, run)), **{f"grid/{k}": v for k, v in grid.items()}}
+    bands = [f"b{i}" for i in range(n_bands)]
+    curves = [Filter(f"filter_{b}", [3000.0 + 1000 * i, 3001.0 + 1000 * i, 3999.0 + 1200 * i, 4000.0 + 1200 * i],
+                     [0.0, 1.0, 1.0, 0.0]) for i, b in enumerate(bands)]
+    meta = {"kind": "emulator", "bands": bands, "filters": [c.name for c in curves], "space": SPACE.to_dict(),
+            "architecture": {"design": "spectral", "target": "rest_frame_spectrum"},
+            "error_floor": [0.01 * (i + 1) for i in range(n_bands)]}
+    return Emulator(meta, spectral_arrays(flat, curves))
+
+
 def random_emulator(n_bands=4, design="per_band", target="m", seed=0) -> Emulator:
     """An untrained emulator with random weights (its numbers are arbitrary but deterministic)."""
+    if design == "spectral":
+        return random_spectral_emulator(n_bands, seed)
     n_in = SPACE.dim - 1
     n_nets, n_out = (n_bands, 1) if design == "per_band" else (1, n_bands)
     layers = jax.tree.map(np.asarray, init_mlp(jax.random.PRNGKey(seed), n_in, (16, 16), n_out, n_nets))
@@ -44,8 +74,9 @@ def prior_points(n, seed=0):
     return rng.uniform(SPACE.lower, SPACE.upper, (n, SPACE.dim)).astype(np.float32)
 
 
-def test_save_load_round_trip_is_bit_identical(tmp_path):
-    emu = random_emulator()
+@pytest.mark.parametrize("design", ["per_band", "spectral"])
+def test_save_load_round_trip_is_bit_identical(tmp_path, design):
+    emu = random_emulator(design=design)
     theta = prior_points(257)
     before = np.asarray(jax.jit(emu.magnitudes)(theta))
     aid = emu.save(tmp_path / "emu")
@@ -76,7 +107,7 @@ def test_magnitudes_batch_shapes_and_jit():
     np.testing.assert_allclose(np.asarray(m).reshape(-1, 3), np.asarray(one), rtol=0, atol=1e-4)
 
 
-@pytest.mark.parametrize("design", ["per_band", "trunk"])
+@pytest.mark.parametrize("design", ["per_band", "trunk", "spectral"])
 def test_mass_scaling_is_exact(design):
     emu = random_emulator(design=design)
     theta = prior_points(500, seed=3)
@@ -105,7 +136,7 @@ def test_in_domain_flags():
     assert np.asarray(emu.in_domain(edge))[0]
 
 
-@pytest.mark.parametrize("design", ["per_band", "trunk"])
+@pytest.mark.parametrize("design", ["per_band", "trunk", "spectral"])
 def test_select_reorders_and_errors_clearly(design):
     emu = random_emulator(n_bands=4, design=design)
     theta = prior_points(50)

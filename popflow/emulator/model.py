@@ -4,7 +4,9 @@
 
 ``f`` are the transformed inputs of :func:`popflow.emulator.network.features`
 (every parameter but ``log_mass``), ``net`` a Speculator MLP (Alsing et al.
-2020). With ``target = "m_minus_dm"`` the network predicts the unit-mass
+2020). Design ``spectral`` (:mod:`popflow.emulator.spectral`) instead emulates the
+rest-frame spectrum and integrates it through the filter curves stored in the
+artifact; everything else (mass scaling, domain, band selection) is shared. With ``target = "m_minus_dm"`` the network predicts the unit-mass
 magnitude minus the distance modulus (smooth down to z = 0) and the distance
 modulus of :mod:`popflow.cosmology` is added analytically; with ``target =
 "m"`` it predicts the unit-mass apparent magnitude itself. The mass scaling is
@@ -22,12 +24,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from popflow.artifacts import flatten_tree, load_artifact, resolve_artifact, save_artifact, unflatten_tree
-from popflow.emulator.network import DESIGNS, features, mlp_apply
+from popflow.emulator.network import DESIGNS as NETWORK_DESIGNS
+from popflow.emulator.network import features, mlp_apply
 from popflow.params import ParameterSpace
 
-__all__ = ["Emulator", "Z_FLOOR", "TARGETS"]
+__all__ = ["Emulator", "Z_FLOOR", "TARGETS", "DESIGNS"]
 
-TARGETS = ("m_minus_dm", "m")
+TARGETS = ("m_minus_dm", "m", "rest_frame_spectrum")
+DESIGNS = (*NETWORK_DESIGNS, "spectral")
+_EXACT_PREFIXES = ("grid/", "curves/")  # spectral design: the rest grid and filter curves stay float64
 Z_FLOOR = 1e-3  # redshift below which the distance modulus is frozen and points are out of domain
 
 
@@ -54,13 +59,18 @@ class Emulator:
             raise ValueError(f"emulator {id}: unknown target {self.target!r}; known: {', '.join(TARGETS)}")
         self.id = id
         self.error_floor = np.asarray(meta.get("error_floor", np.zeros(len(self.bands))), np.float32)
-        self._weights = {k: np.asarray(v, np.float32) for k, v in weights.items()}
+        self._weights = {k: np.asarray(v, np.float64 if k.startswith(_EXACT_PREFIXES) else np.float32)
+                         for k, v in weights.items()}
         tree = unflatten_tree(self._weights)
-        self._layers = {k: {n: jnp.asarray(a) for n, a in layer.items()} for k, layer in tree["net"]["layers"].items()}
-        self._x_mean = jnp.asarray(tree["transform"]["x_mean"])
-        self._x_std = jnp.asarray(tree["transform"]["x_std"])
-        self._y_mean = jnp.asarray(tree["transform"]["y_mean"])
-        self._y_std = jnp.asarray(tree["transform"]["y_std"])
+        self._photometer = None
+        if design == "spectral":
+            self._photometer = _spectral_photometer(tree, self.filters, self.space)
+        else:
+            self._layers = {k: {n: jnp.asarray(a) for n, a in layer.items()} for k, layer in tree["net"]["layers"].items()}
+            self._x_mean = jnp.asarray(tree["transform"]["x_mean"])
+            self._x_std = jnp.asarray(tree["transform"]["x_std"])
+            self._y_mean = jnp.asarray(tree["transform"]["y_mean"])
+            self._y_std = jnp.asarray(tree["transform"]["y_std"])
         dom = meta.get("domain", {})
         self._dom_lo = jnp.asarray(np.asarray(dom.get("lower", self.space.lower), np.float32))
         self._dom_hi = jnp.asarray(np.asarray(dom.get("upper", self.space.upper), np.float32))
@@ -83,7 +93,8 @@ class Emulator:
 
     @property
     def weights(self) -> dict[str, np.ndarray]:
-        """Flat ``{"net/layers/0/W": array, ...}`` float32 weights (a copy)."""
+        """Flat ``{"net/layers/0/W": array, ...}`` weights (a copy): float32, but the spectral
+        design's rest grid and filter curves (``grid/``, ``curves/``), which stay float64."""
         return {k: v.copy() for k, v in self._weights.items()}
 
     @staticmethod
@@ -97,13 +108,19 @@ class Emulator:
 
     # --- evaluation (pure jax) --------------------------------------------
     def unit_outputs(self, theta):
-        """Network prediction of the target (unit-mass, see module docstring); (..., dim) -> (..., n_bands)."""
+        """Network prediction of the target (unit-mass, see module docstring); (..., dim) -> (..., n_bands).
+        The spectral design predicts spectra, not band values: there this is the unit-mass magnitude."""
+        if self._photometer is not None:
+            theta = jnp.asarray(theta, jnp.float32)
+            return self._photometer.magnitudes(theta.at[..., self._i_mass].set(0.0))
         x = (features(self.space, theta) - self._x_mean) / self._x_std
         return self._y_mean + self._y_std * mlp_apply(self._layers, x)
 
     def magnitudes(self, theta):
         """Apparent AB magnitudes; theta (..., dim) physical -> (..., n_bands), float32, jit-able."""
         theta = jnp.asarray(theta, jnp.float32)
+        if self._photometer is not None:
+            return self._photometer.magnitudes(theta)
         m = self.unit_outputs(theta)
         if self.target == "m_minus_dm":
             from popflow.cosmology import distance_modulus
@@ -134,14 +151,23 @@ class Emulator:
                     f"it covers: {', '.join(self.filters)}"
                 )
         idx_a = np.asarray(idx)
-        if self.meta["architecture"]["design"] == "per_band":
+        if self.meta["architecture"]["design"] == "spectral":
+            # filter curves are numbered in band order; the networks serve every band
+            curve = {f"curves/{i}/": f"curves/{j}/" for i, j in enumerate(idx)}
+            w = {k: v for k, v in self._weights.items() if not k.startswith("curves/")}
+            w.update({new + k[len(old):]: v for new, old in curve.items() for k, v in self._weights.items()
+                      if k.startswith(old)})
+            pick = None
+        elif self.meta["architecture"]["design"] == "per_band":
             # every network array has the band on its leading axis
             pick = lambda k, v: v[idx_a] if k.startswith("net/") else v  # noqa: E731
         else:
             # shared trunk: only the last layer's output columns belong to bands
             last = max(int(k.split("/")[2]) for k in self._weights if k.startswith("net/layers/"))
             pick = lambda k, v: v[..., idx_a] if k.startswith(f"net/layers/{last}/") else v  # noqa: E731
-        w = {k: (v[idx_a] if k in ("transform/y_mean", "transform/y_std") else pick(k, v)) for k, v in self._weights.items()}
+        if pick is not None:
+            w = {k: (v[idx_a] if k in ("transform/y_mean", "transform/y_std") else pick(k, v))
+                 for k, v in self._weights.items()}
         meta = dict(self.meta)
         meta["bands"] = [self.bands[i] for i in idx]
         meta["filters"] = [self.filters[i] for i in idx]
@@ -155,6 +181,21 @@ class Emulator:
 
     def __repr__(self) -> str:
         return f"Emulator(id={self.id!r}, design={self.meta['architecture']['design']!r}, bands={self.bands})"
+
+
+def _spectral_photometer(tree: dict, filters, space: ParameterSpace):
+    """The :class:`popflow.emulator.spectral.SpectralPhotometer` of a spectral artifact's arrays:
+    ``spectral`` (network weights), ``grid`` (rest grid, IGM, line pixels) and ``curves`` ({i: wavelength,
+    transmission}, in band order)."""
+    from popflow.emulator.spectral import SpectralEmulator
+    from popflow.filters import Filter
+
+    curves = tree["curves"]
+    if sorted(curves, key=int) != [str(i) for i in range(len(filters))]:
+        raise ValueError(f"spectral emulator: {len(curves)} stored filter curves for {len(filters)} filters")
+    bound = [Filter(f, curves[str(i)]["wavelength"], curves[str(i)]["transmission"], source="artifact")
+             for i, f in enumerate(filters)]
+    return SpectralEmulator(tree["spectral"], tree["grid"], space).photometer(bound)
 
 
 def _select_accuracy(acc, idx):

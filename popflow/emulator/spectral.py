@@ -38,9 +38,10 @@ from popflow.cosmology import luminosity_distance
 from popflow.emulator.model import Z_FLOOR
 from popflow.emulator.network import features, mlp_apply
 from popflow.filters import AB_ZERO_POINT_MAG_NJY, Filter, load_filter
-from popflow.params import DEFAULT_SPACE, ParameterSpace
+from popflow.params import DEFAULT_SPACE, N_SFR_RATIOS, ParameterSpace
+from popflow.sfh import log_mass_fractions
 
-__all__ = ["SpectralEmulator", "SpectralPhotometer", "filter_table", "photometry_mag", "grid_to_jax", "Z_MAX", "OVERSAMPLE"]
+__all__ = ["SpectralEmulator", "SpectralPhotometer", "spectral_inputs", "filter_table", "photometry_mag", "grid_to_jax", "Z_MAX", "OVERSAMPLE"]
 
 Z_MAX = 6.0
 MAG_CAP = 99.0
@@ -55,24 +56,27 @@ OVERSAMPLE = 64
 """Filter tables are sampled OVERSAMPLE times finer than the rest grid (in ln lambda)."""
 
 
-def filter_table(curves, wave, z_max: float = Z_MAX) -> dict[str, np.ndarray]:
-    """Filter curves tabulated on a fine log grid aligned with the rest grid ``wave``.
+def filter_table(curves, wave) -> dict[str, np.ndarray]:
+    """Each filter curve tabulated on its own window of rest-grid pixels, for any redshift.
 
-    ``wave`` (n_pix,) Angstrom must be uniform in ln lambda (spacing ``d``). Returns
-    ``table`` (OVERSAMPLE + 1, n_bands, K): ``table[r, b, k] = T_b(wave[0] exp((k OVERSAMPLE + r) d /
-    OVERSAMPLE))``, the native curve interpolated linearly and held constant beyond its ends,
-    covering every observed wavelength of the grid for 0 <= z <= z_max (phase-major, so that
-    the pixels of one redshift are one contiguous slice); and the native ends ``lo``, ``hi``
-    (n_bands,) Angstrom, outside which the transmission is zero (applied exactly by
-    :func:`photometry_mag`, so the steps at the ends are not smoothed by the table).
+    ``wave`` (n_pix,) Angstrom must be uniform in ln lambda (spacing ``d``). At redshift z the
+    first pixel a filter of native ends [lo, hi) sees is ``k0 = ceil(u)``, ``u = (ln(lo / wave[0])
+    - ln(1+z)) / d``, and pixel ``k0 + j`` sits at the observed wavelength ``lo exp((j + phi) d)``
+    with the phase ``phi = k0 - u`` in [0, 1). Returns ``table`` (n_bands, OVERSAMPLE + 1, W):
+    ``table[b, r, j] = T_b(lo_b exp((j + r / OVERSAMPLE) d))`` (native curve interpolated linearly),
+    ``W`` the widest filter in pixels plus one; ``u0`` (n_bands,) = ln(lo_b / wave[0]) / d and
+    ``span`` (n_bands,) = ln(hi_b / lo_b) / d, in pixels, beyond which the transmission is zero
+    (applied exactly by :func:`photometry_mag`).
     """
     d = _log_step(wave)
-    n_pix = wave.size
-    k = n_pix + int(np.ceil(np.log1p(z_max) / d)) + 2
-    fine = np.arange(k)[None, :] * OVERSAMPLE + np.arange(OVERSAMPLE + 1)[:, None]  # (OVERSAMPLE + 1, K)
-    obs = wave[0] * np.exp(fine * d / OVERSAMPLE)
-    return {"table": np.stack([np.interp(obs, c.wavelength, c.transmission) for c in curves], axis=1),
-            "lo": np.array([c.wavelength[0] for c in curves]), "hi": np.array([c.wavelength[-1] for c in curves])}
+    lo = np.array([c.wavelength[0] for c in curves], np.float64)
+    hi = np.array([c.wavelength[-1] for c in curves], np.float64)
+    span = np.log(hi / lo) / d
+    n_win = int(np.ceil(span.max())) + 1
+    steps = np.arange(n_win)[None, :] + np.arange(OVERSAMPLE + 1)[:, None] / OVERSAMPLE  # (OVERSAMPLE + 1, W)
+    table = np.stack([np.interp(lo_b * np.exp(steps * d), c.wavelength, c.transmission, right=0.0)
+                      for lo_b, c in zip(lo, curves)])
+    return {"table": table, "u0": np.log(lo / wave[0]) / d, "span": span}
 
 
 def _log_step(wave) -> float:
@@ -83,48 +87,77 @@ def _log_step(wave) -> float:
 
 
 def grid_to_jax(grid: dict) -> dict:
-    """The arrays :func:`photometry_mag` needs, from a spectra store's grid arrays (NumPy;
-    ``igm_table`` (n_pix, n_z) there, transposed here)."""
-    out = {k: jnp.asarray(grid[k], jnp.int32 if k == "line_pixel" else jnp.float32)
-           for k in ("wave", "width", "line_pixel", "igm_z", "igm_table")}
-    out["igm_table"] = out["igm_table"].T  # (n_z, n_pix): one redshift is one contiguous row
-    out["log_step"] = jnp.float32(_log_step(grid["wave"]))
-    return out
+    """The arrays :func:`photometry_mag` needs, from a spectra store's grid arrays (NumPy).
+
+    ``width / wave`` must be constant (pixels of equal ln-width: ``dlnw``). The IGM table
+    (n_pix, n_z) there is cut to the pixels it dims (``igm`` (n_z, n_igm), one redshift per row);
+    ``line_map`` (n_lines, n_pix) puts each line in its pixel.
+    """
+    wave = np.asarray(grid["wave"], np.float64)
+    ratio = np.asarray(grid["width"], np.float64) / wave
+    if not np.allclose(ratio, ratio[0], rtol=1e-6):
+        raise ValueError("spectral emulator: pixel widths must be a constant fraction of the wavelength")
+    igm = np.asarray(grid["igm_table"], np.float64)
+    n_igm = int(np.flatnonzero((igm < 1.0).any(axis=1)).max(initial=-1)) + 1
+    pix = np.asarray(grid["line_pixel"]).astype(np.int64)
+    line_map = np.zeros((pix.size, wave.size), np.float32)
+    line_map[np.arange(pix.size), pix] = 1.0
+    f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
+    return {"wave": f32(wave), "width": f32(grid["width"]), "line_map": f32(line_map),
+            "line_wave": f32(wave[pix]), "igm_z": f32(grid["igm_z"]), "igm": f32(igm[:n_igm].T),
+            "dlnw": float(ratio[0]), "log_step": _log_step(wave)}
 
 
 def photometry_mag(log_cont, log_lines, z, grid: dict, filt: dict):
     """Unit-mass AB magnitudes of rest-frame pieces; one galaxy (vmap for many).
 
     ``log_cont`` (n_pix,) log10 Lsun/A and ``log_lines`` (n_lines,) log10 Lsun, before the IGM;
-    ``z`` scalar in [0, Z_MAX]; ``grid``: ``wave``, ``width`` (n_pix,), ``line_pixel`` (n_lines,)
-    int, ``igm_z`` (n_z,), ``igm_table`` (n_z, n_pix), ``log_step`` (scalar) as JAX arrays;
-    ``filt``: :func:`filter_table` as JAX arrays. The filter at the redshifted pixels
-    (1+z) wave_k is read off the fine table with one shared fractional offset
-    (uniform ln grid), then zeroed outside each curve's native ends.
+    ``z`` scalar in [0, Z_MAX]; ``grid``: :func:`grid_to_jax`; ``filt``: :func:`filter_table` as
+    JAX arrays. Each band reads only its own window of pixels (a few dozen), the filter at one
+    shared phase interpolated between the table's rows and zeroed exactly beyond its red end.
     Returns (n_bands,) mag, at most MAG_CAP.
     """
-    wave, width, pix = grid["wave"], grid["width"], grid["line_pixel"]
+    wave = grid["wave"]
+    n_win = filt["table"].shape[-1]
+    # photons per pixel, lines in theirs: (L_lambda w + L_line) lam
+    energy = (10.0 ** log_cont * grid["width"] + 10.0 ** log_lines @ grid["line_map"]) * wave
     zs = grid["igm_z"]
-    j = jnp.searchsorted(zs, z, side="left")
-    frac = jnp.where(j == 0, 0.0, (z - zs[jnp.maximum(j - 1, 0)]) / (zs[jnp.maximum(j, 1)] - zs[jnp.maximum(j - 1, 0)]))
-    j = jnp.maximum(j, 1)
-    igm = (1.0 - frac) * grid["igm_table"][j - 1] + frac * grid["igm_table"][j]
-    n_pix = wave.shape[0]
-    pos = jnp.log1p(z) / grid["log_step"] * OVERSAMPLE
-    i0 = jnp.floor(pos).astype(jnp.int32)
-    phi = pos - i0
-    q, r = i0 // OVERSAMPLE, i0 % OVERSAMPLE
-    pair = jax.lax.dynamic_slice(filt["table"], (r, 0, q), (2, filt["table"].shape[1], n_pix))
-    obs = wave * (1.0 + z)
-    inside = (obs >= filt["lo"][:, None]) & (obs < filt["hi"][:, None])
-    t = jnp.where(inside, (1.0 - phi) * pair[0] + phi * pair[1], 0.0)  # (n_bands, n_pix)
-    cont = 10.0 ** log_cont * igm * wave * width
-    lines = 10.0 ** log_lines * igm[pix] * wave[pix]
-    num = t @ cont + t[:, pix] @ lines
-    den = t @ (width / wave)
+    j = jnp.clip(jnp.searchsorted(zs, z, side="right"), 1, zs.shape[0] - 1)
+    frac = (z - zs[j - 1]) / (zs[j] - zs[j - 1])
+    n_igm = grid["igm"].shape[1]
+    igm = (1.0 - frac) * grid["igm"][j - 1] + frac * grid["igm"][j]
+    energy = jnp.concatenate([energy[:n_igm] * igm, energy[n_igm:], jnp.zeros(n_win, energy.dtype)])
+    u = filt["u0"] - jnp.log1p(z) / grid["log_step"]
+    k0 = jnp.ceil(u)
+    phase = (k0 - u) * OVERSAMPLE
+    r0 = jnp.clip(jnp.floor(phase), 0, OVERSAMPLE - 1).astype(jnp.int32)
+    f = (phase - r0)[:, None]
+    steps = jnp.arange(n_win)[None, :] + (k0 - u)[:, None]
+    rows = jax.vmap(lambda tab, r: jax.lax.dynamic_slice_in_dim(tab, r, 2, 0))(filt["table"], r0)  # (n_bands, 2, W)
+    t = jnp.where(steps < filt["span"][:, None], (1.0 - f) * rows[:, 0] + f * rows[:, 1], 0.0)
+    seg = jax.vmap(lambda k: jax.lax.dynamic_slice_in_dim(energy, k, n_win))(k0.astype(jnp.int32))
+    num = jnp.sum(t * seg, axis=-1)
+    den = grid["dlnw"] * jnp.sum(t, axis=-1)
     dl = luminosity_distance(jnp.maximum(z, Z_FLOOR))
     log_f = _LOG_K + jnp.log10(1.0 + z) - 2.0 * jnp.log10(dl) + jnp.log10(jnp.maximum(num, 1e-38) / den)
     return jnp.minimum(AB_ZERO_POINT_MAG_NJY - 2.5 * log_f, MAG_CAP)
+
+
+def spectral_inputs(space: ParameterSpace, theta):
+    """Network inputs and the line baseline; theta (..., dim) physical ->
+    (x (..., dim - 1 + 7), log_young (...)).
+
+    ``x``: the transformed parameters of :func:`popflow.emulator.network.features` followed by
+    the exact log10 mass fractions of the seven SFH bins (:func:`popflow.sfh.log_mass_fractions`,
+    a closed function of the SFR ratios and t_univ(z) that the network would otherwise have to
+    learn). ``log_young``: the youngest bin's log10 fraction. bagpipes' nebular lines come from
+    stars younger than 10 Myr, a fixed third of that bin, so log L_line - log_young depends on
+    metallicities, ionisation and dust only: the line network predicts that difference.
+    """
+    theta = jnp.asarray(theta, jnp.float32)
+    idx = [space.index(f"logsfr_ratio_{i}") for i in range(1, N_SFR_RATIOS + 1)]
+    log_frac = log_mass_fractions(theta[..., idx], theta[..., space.index("redshift")])
+    return jnp.concatenate([features(space, theta), log_frac], axis=-1), log_frac[..., 0]
 
 
 class SpectralEmulator:
@@ -145,10 +178,11 @@ class SpectralEmulator:
     def rest_frame(self, theta):
         """theta (..., dim) physical -> (log_cont (..., n_pix), log_lines (..., n_lines)), pre-IGM, unit mass."""
         w = self.w
-        x = (features(self.space, theta) - w["x_mean"]) / w["x_std"]
+        x, log_young = spectral_inputs(self.space, theta)
+        x = (x - w["x_mean"]) / w["x_std"]
         coeff = mlp_apply(w["cont"], x) * w["c_std"] + w["c_mean"]
         log_cont = w["pca_mean"] + coeff @ w["pca_basis"]
-        log_lines = mlp_apply(w["lines"], x) * w["l_std"] + w["l_mean"]
+        log_lines = log_young[..., None] + mlp_apply(w["lines"], x) * w["l_std"] + w["l_mean"]
         return log_cont, log_lines
 
     def photometer(self, filters, search_path=None) -> "SpectralPhotometer":

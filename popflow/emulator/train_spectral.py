@@ -8,12 +8,11 @@ coefficient error / n_pix, the basis being orthonormal) plus the same over the
 lines. Every ``checkpoint_every`` seconds it writes ``checkpoint.npz`` and a line of
 ``train.log``; ``resume=True`` continues a stopped run.
 
-    python -m popflow.emulator.train_spectral STORE.zarr --out DIR [--steps N] [--n-pca K] [--resume]
+    popflow emulator train-spectral STORE.zarr --out DIR [--steps N] [--n-pca K] [--resume]
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -24,11 +23,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from popflow.emulator.network import features, init_mlp, mlp_apply
-from popflow.emulator.spectral import SpectralEmulator
+from popflow.emulator.network import init_mlp, mlp_apply
+from popflow.emulator.spectral import SpectralEmulator, spectral_inputs
 from popflow.params import DEFAULT_SPACE
 
-__all__ = ["SpectralConfig", "fit_pca", "train_spectral", "load_run"]
+__all__ = ["SpectralConfig", "fit_pca", "train_spectral", "train_from_spectra", "spectral_arrays", "package_spectral",
+           "load_run"]
 
 CHECKPOINT = "checkpoint.npz"
 LOG = "train.log"
@@ -82,23 +82,27 @@ def train_spectral(theta, log_cont, log_lines, grid: dict, out_dir, cfg: Spectra
     which removes the up-to-12-dex drops of fully obscured pixels and lines from the regression."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    x = np.asarray(features(DEFAULT_SPACE, theta), np.float32)
+    x, log_young = (np.asarray(a, np.float32) for a in spectral_inputs(DEFAULT_SPACE, theta))
     log_cont = np.maximum(log_cont, cfg.cont_floor)
-    log_lines = np.maximum(log_lines, cfg.line_floor)
+    log_lines = np.asarray(log_lines, np.float32)
     i_tr, i_ho = _split(len(x), cfg)
     pca_mean, basis = fit_pca(log_cont[i_tr], cfg.n_pca, seed=cfg.seed)
     coeff = (log_cont - pca_mean) @ basis.T
+    # lines relative to the young stars' mass (spectral_inputs); statistics over visible lines only
+    resid = np.ma.masked_array(log_lines - log_young[:, None], log_lines <= cfg.line_floor)[i_tr]
     stats = {"x_mean": x[i_tr].mean(0), "x_std": x[i_tr].std(0) + 1e-6, "c_mean": coeff[i_tr].mean(0),
-             "c_std": coeff[i_tr].std(0) + 1e-6, "l_mean": log_lines[i_tr].mean(0), "l_std": log_lines[i_tr].std(0) + 1e-3,
-             "pca_mean": pca_mean, "pca_basis": basis}
-    resid = log_cont[i_ho] - (pca_mean + coeff[i_ho] @ basis)
-    log(f"PCA {cfg.n_pca} components: held-out rms log-spectrum residual {np.sqrt(np.mean(resid**2)):.2e} dex, "
-        f"max {np.abs(resid).max():.2e}")
+             "c_std": coeff[i_tr].std(0) + 1e-6, "l_mean": resid.mean(0).filled(0.0).astype(np.float32),
+             "l_std": (resid.std(0).filled(1.0) + 1e-3).astype(np.float32), "pca_mean": pca_mean, "pca_basis": basis}
+    pca_resid = log_cont[i_ho] - (pca_mean + coeff[i_ho] @ basis)
+    log(f"PCA {cfg.n_pca} components: held-out rms log-spectrum residual {np.sqrt(np.mean(pca_resid**2)):.2e} dex, "
+        f"max {np.abs(pca_resid).max():.2e}")
     xs = jnp.asarray((x - stats["x_mean"]) / stats["x_std"])
     cs = jnp.asarray((coeff - stats["c_mean"]) / stats["c_std"])
-    ls = jnp.asarray((log_lines - stats["l_mean"]) / stats["l_std"])
+    ls = jnp.asarray(np.maximum(log_lines, cfg.line_floor))
+    base = jnp.asarray(log_young[:, None] + stats["l_mean"])
     c_w = jnp.asarray(stats["c_std"] ** 2 / log_cont.shape[1])  # standardised coefficient error -> dex^2 per pixel
-    l_w = jnp.asarray(stats["l_std"] ** 2 / log_lines.shape[1])
+    l_std = jnp.asarray(stats["l_std"])
+    n_lines = log_lines.shape[1]
     k1, k2 = jax.random.split(jax.random.PRNGKey(cfg.seed))
     params = {"cont": init_mlp(k1, x.shape[1], cfg.cont_hidden, cfg.n_pca, 1),
               "lines": init_mlp(k2, x.shape[1], cfg.line_hidden, log_lines.shape[1], 1)}
@@ -119,30 +123,32 @@ def train_spectral(theta, log_cont, log_lines, grid: dict, out_dir, cfg: Spectra
             step, best, history = int(z["step"]), float(z["best"]), json.loads(str(z["history"]))
         log(f"resumed at step {step}")
 
-    def loss_fn(p, xb, cb, lb):
+    def loss_fn(p, xb, cb, lb, bb):
+        """(continuum, lines) mean squared error in dex^2; lines compared above the floor only."""
         ec = jnp.sum((mlp_apply(p["cont"], xb) - cb) ** 2 * c_w, -1)
-        el = jnp.sum((mlp_apply(p["lines"], xb) - lb) ** 2 * l_w, -1)
+        pred = jnp.maximum(bb + mlp_apply(p["lines"], xb) * l_std, cfg.line_floor)
+        el = jnp.sum((pred - lb) ** 2, -1) / n_lines
         return jnp.mean(ec), jnp.mean(el)
 
-    def total_loss(p, xb, cb, lb):
-        ec, el = loss_fn(p, xb, cb, lb)
+    def total_loss(p, xb, cb, lb, bb):
+        ec, el = loss_fn(p, xb, cb, lb, bb)
         return ec + el
 
-    x_tr, c_tr, l_tr = xs[i_tr], cs[i_tr], ls[i_tr]
+    x_tr, c_tr, l_tr, b_tr = xs[i_tr], cs[i_tr], ls[i_tr], base[i_tr]
 
     @jax.jit
     def run(p, o, key):
         def body(carry, k):
             p, o = carry
             idx = jax.random.randint(k, (cfg.batch_size,), 0, x_tr.shape[0])
-            loss, g = jax.value_and_grad(total_loss)(p, x_tr[idx], c_tr[idx], l_tr[idx])
+            loss, g = jax.value_and_grad(total_loss)(p, x_tr[idx], c_tr[idx], l_tr[idx], b_tr[idx])
             upd, o = opt.update(g, o, p)
             return (optax.apply_updates(p, upd), o), loss
 
         (p, o), losses = jax.lax.scan(body, (p, o), jax.random.split(key, cfg.steps_per_call))
         return p, o, jnp.mean(losses)
 
-    heldout = jax.jit(lambda p: loss_fn(p, xs[i_ho], cs[i_ho], ls[i_ho]))
+    heldout = jax.jit(lambda p: loss_fn(p, xs[i_ho], cs[i_ho], ls[i_ho], base[i_ho]))
     t0 = last = time.time()
     key = jax.random.PRNGKey(cfg.seed + 1)
     losses = []
@@ -196,25 +202,93 @@ def load_run(out_dir) -> SpectralEmulator:
     return SpectralEmulator(tree, grid)
 
 
-def main(argv=None) -> None:
+def spectral_arrays(run: dict, curves) -> dict[str, np.ndarray]:
+    """Artifact arrays of a spectral emulator: a run's flat weights (``weights.npz`` of
+    :func:`train_spectral`: network trees and ``grid/...``) under ``spectral/``, the grid as is,
+    and the filter curves (:class:`popflow.filters.Filter`, band order) as ``curves/<i>/...``."""
+    from popflow.artifacts import flatten_tree
+
+    arrays = {(k if k.startswith("grid/") else "spectral/" + k): np.asarray(v) for k, v in run.items()}
+    arrays.update(flatten_tree({"curves": {str(i): {"wavelength": c.wavelength, "transmission": c.transmission}
+                                           for i, c in enumerate(curves)}}))
+    return arrays
+
+
+def package_spectral(run_dir, store, out, *, validation=None, search_path=None, command: str = "", log=print):
+    """Package a finished :func:`train_spectral` run as an :class:`popflow.emulator.Emulator` artifact.
+
+    The artifact covers every filter of the spectra ``store`` (curves stored inside it, with
+    their sha256), so it needs no filter files at fit time; ``popflow emulator select`` cuts it
+    to one band set. Accuracy is measured on the store's validation rows ("box") and, when
+    given, on a prior-drawn ``validation`` set ("prior", which sets the error floor), as for
+    the other designs. Returns the saved emulator.
+    """
+    from popflow.emulator.model import Emulator
+    from popflow.emulator.train import Y_CAP, accuracy_table, band_names, describe_accuracy, set_prior_accuracy
+    from popflow.emulator.network import feature_names
+    from popflow.filters import load_filter
     from popflow.sps.spectra import read_spectra_store
 
-    ap = argparse.ArgumentParser(description="train the spectral emulator on a spectra store")
-    ap.add_argument("store")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--steps", type=int, default=SpectralConfig.steps)
-    ap.add_argument("--n-pca", type=int, default=SpectralConfig.n_pca)
-    ap.add_argument("--batch-size", type=int, default=SpectralConfig.batch_size)
-    ap.add_argument("--max-seconds", type=float, default=None)
-    ap.add_argument("--resume", action="store_true")
-    a = ap.parse_args(argv)
-    d, _ = read_spectra_store(a.store)
+    run_dir = Path(run_dir)
+    val, attrs = read_spectra_store(store, fields=("theta", "mag_unit"), validation_only=True)
+    filters = list(attrs["filters"])
+    curves = [load_filter(f, search_path) for f in filters]
+    with np.load(run_dir / "weights.npz") as z:
+        run = {k: z[k] for k in z.files}
+    cfg = json.loads((run_dir / "config.json").read_text())
+    history = [json.loads(line) for line in (run_dir / LOG).read_text().splitlines()]
+    arrays = spectral_arrays(run, curves)
+    bands = []
+    for bs, fl in attrs["band_sets"].items():
+        bands += [f"{bs}_{b}" for b, f in zip(band_names(bs, list(fl)), fl) if f"{bs}_{b}" not in bands]
+    bands = bands if len(bands) == len(filters) else filters
+    meta = {
+        "kind": "emulator", "format": 1, "name": "spectral", "bands": bands, "filters": filters,
+        "space": DEFAULT_SPACE.to_dict(),
+        "architecture": {
+            "design": "spectral", "target": "rest_frame_spectrum",
+            "inputs": [*feature_names(DEFAULT_SPACE), *(f"log10 mass fraction of SFH bin {i}" for i in range(1, 8))],
+            "continuum": f"{cfg['n_pca']} PCA components of log10 L_lambda on {run['grid/wave'].size} rest pixels "
+                         f"({run['grid/wave'][0]:.0f}-{run['grid/wave'][-1]:.0f} A), Speculator MLP {cfg['cont_hidden']}",
+            "lines": f"{run['grid/line_pixel'].size} Cloudy lines, log10 L - log10(youngest-bin mass fraction), "
+                     f"Speculator MLP {cfg['line_hidden']}",
+            "photometry": "Inoue+14 IGM (bagpipes' table), exact redshifting, D_L of popflow.cosmology, "
+                          "photon-counting integration through the stored curves",
+            "n_parameters": int(sum(v.size for k, v in run.items() if k.startswith(("cont/", "lines/")))),
+        },
+        "band_sets": {bs: list(fl) for bs, fl in attrs["band_sets"].items()},
+        "filter_sha256": {c.name: c.sha256 for c in curves},
+        "domain": {"lower": DEFAULT_SPACE.lower.tolist(), "upper": DEFAULT_SPACE.upper.tolist()},
+        "training": {"store": str(store), "store_seed": attrs.get("seed"), "store_n_models": attrs.get("n_models"),
+                     "proposal": attrs.get("proposal"), "bagpipes_version": attrs.get("bagpipes_version"),
+                     "config": cfg, "steps": history[-1]["step"], "seconds": history[-1]["seconds"],
+                     "heldout": {k: history[-1][k] for k in ("heldout_cont_dex2", "heldout_lines_dex2")},
+                     "command": command},
+    }
+    emu = Emulator(meta, arrays)
+    emu.meta["accuracy"] = {"y_cap": Y_CAP, "box": {**accuracy_table(emu, val["theta"], val["mag_unit"]),
+                                                    "source": f"{store} (is_validation rows, wide proposal)"}}
+    if validation is not None:
+        set_prior_accuracy(emu, validation)
+    else:
+        emu.meta["error_floor"] = emu.meta["accuracy"]["box"]["p68"]
+        emu.error_floor = np.asarray(emu.meta["error_floor"], np.float32)
+    aid = emu.save(out)
+    log(f"wrote spectral emulator {aid} ({len(filters)} filters) to {out}")
+    log(describe_accuracy(emu))
+    return emu
+
+
+def train_from_spectra(store, out_dir, cfg: SpectralConfig = SpectralConfig(), *, resume: bool = False,
+                       max_seconds: float | None = None, log=print) -> bool:
+    """Train on the non-validation rows of a spectra store; True when all ``cfg.steps`` are done
+    (False: stopped at ``max_seconds``, with a checkpoint to resume from)."""
+    from popflow.sps.spectra import read_spectra_store
+
+    d, _ = read_spectra_store(store)
     keep = ~d["is_validation"]
-    cfg = SpectralConfig(n_pca=a.n_pca, steps=a.steps, batch_size=a.batch_size)
-    print(f"{a.store}: {int(keep.sum())} models (validation rows excluded)")
-    train_spectral(d["theta"][keep], d["log_cont"][keep], d["log_lines"][keep], d, a.out, cfg, resume=a.resume,
-                   max_seconds=a.max_seconds)
-
-
-if __name__ == "__main__":
-    main()
+    log(f"{store}: {int(keep.sum())} models (validation rows excluded)")
+    train_spectral(d["theta"][keep], d["log_cont"][keep], d["log_lines"][keep], d, out_dir, cfg, resume=resume,
+                   max_seconds=max_seconds, log=log)
+    with np.load(Path(out_dir) / CHECKPOINT) as z:
+        return int(z["step"]) >= cfg.steps

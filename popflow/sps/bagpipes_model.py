@@ -70,6 +70,7 @@ import numpy as np
 from popflow import cosmology
 from popflow.filters import AB_ZERO_POINT_MAG_NJY, Filter, load_filters
 from popflow.params import DEFAULT_SPACE, N_SFR_RATIOS, ParameterSpace
+from popflow.sfh import AGE_EPS, bin_edges_myr
 
 __all__ = ["BagpipesSimulator", "sfh_bin_edges", "model_components", "Z_MIN", "MAG_CAP", "AGE_EPS", "T_BC_GYR",
            "get_simulator", "bagpipes_version", "SIMULATOR_DESCRIPTION"]
@@ -78,8 +79,6 @@ Z_MIN = 1e-3
 """Lowest redshift simulated (D_L = 4.3 Mpc); bagpipes' flux is undefined at z = 0."""
 MAG_CAP = 99.0
 """Largest stored unit-mass magnitude (flux floor where the IGM blocks a whole band)."""
-AGE_EPS = 1e-3
-"""The oldest SFH edge is (1 - AGE_EPS) t_univ(z), safely younger than the Universe."""
 T_BC_GYR = 0.01
 """Birth-cloud lifetime in Gyr (stars younger than this get the extra birth-cloud dust)."""
 _C_ANGSTROM_PER_S = 2.99792458e18
@@ -113,14 +112,8 @@ def bagpipes_version() -> str:
 
 
 def sfh_bin_edges(z: float) -> np.ndarray:
-    """Continuity SFH bin edges in lookback time, Myr, ascending; shape (8,).
-
-    [0, 30, 100, four log-spaced edges up to 0.85 t_univ(z), (1 - AGE_EPS) t_univ(z)]
-    (Leja et al. 2019). ``t_univ`` from :mod:`popflow.cosmology`.
-    """
-    t_myr = 1e3 * float(cosmology.t_univ(z))
-    inner = np.geomspace(100.0, 0.85 * t_myr, 5)
-    return np.concatenate([[0.0, 30.0], inner, [(1.0 - AGE_EPS) * t_myr]])
+    """Continuity SFH bin edges in lookback time, Myr, ascending; shape (8,) (:func:`popflow.sfh.bin_edges_myr`)."""
+    return bin_edges_myr(float(z))
 
 
 def model_components(theta_row, space: ParameterSpace = DEFAULT_SPACE) -> dict:

@@ -27,7 +27,7 @@ The simulator's photometry then follows analytically (in JAX,
 ``s = L (1 + z)^-1 Lsun / (4 pi D_L^2)`` times the IGM transmission,
 integrated photon-counting through each filter as in ``BagpipesSimulator``.
 
-``python -m popflow.sps.spectra --n N --out spectra.zarr --seed S`` writes a
+``popflow sps spectra --n N --out spectra.zarr --seed S`` writes a
 resumable store (:func:`simulate_spectra`); rows are the same proposal draws as
 ``popflow sps simulate`` with the same seed and chunk size, so a spectra store
 and a magnitude store of equal (seed, chunk_size) hold identical models.
@@ -35,7 +35,6 @@ and a magnitude store of equal (seed, chunk_size) hold identical models.
 
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Sequence
@@ -243,9 +242,10 @@ def simulate_spectra(out, n: int, *, seed: int = 0, chunk_size: int = 1000, prop
     return out
 
 
-def read_spectra_store(path) -> tuple[dict, dict]:
-    """(arrays, attrs) of the completed chunks of a spectra store: ``theta``, ``log_cont``,
-    ``log_lines``, ``mag_unit``, ``is_validation`` (rows of done chunks) and the grid arrays."""
+def read_spectra_store(path, fields=("theta", "log_cont", "log_lines", "mag_unit", "is_validation"),
+                       validation_only: bool = False) -> tuple[dict, dict]:
+    """(arrays, attrs) of the completed chunks of a spectra store: ``fields`` (rows of done chunks,
+    only the validation rows with ``validation_only``) and the grid arrays."""
     import zarr
 
     root = zarr.open_group(str(path), mode="r")
@@ -253,29 +253,13 @@ def read_spectra_store(path) -> tuple[dict, dict]:
     if attrs.get("kind") != STORE_KIND:
         raise ValueError(f"{path}: not a popflow spectra store (kind = {attrs.get('kind')!r})")
     cs, n = int(attrs["chunk_size"]), int(attrs["n_models"])
-    rows = np.concatenate([np.arange(k * cs, min(n, (k + 1) * cs)) for k in np.flatnonzero(root["chunk_done"][:])])
-    out = {name: np.asarray(root[name][:])[rows] for name in ("theta", "log_cont", "log_lines", "mag_unit",
-                                                               "is_validation")}
+    done = np.flatnonzero(root["chunk_done"][:])
+    if done.size == 0:
+        raise ValueError(f"{path}: no completed chunk yet")
+    rows = np.concatenate([np.arange(k * cs, min(n, (k + 1) * cs)) for k in done])
+    if validation_only:
+        rows = rows[np.asarray(root["is_validation"][:])[rows]]
+    out = {name: np.asarray(root[name].get_orthogonal_selection((rows,))) for name in fields}
     out.update({name: np.asarray(root[name][:]) for name in ("wave", "width", "line_wave", "line_rest", "line_pixel",
                                                              "igm_z", "igm_table")})
     return out, attrs
-
-
-def main(argv=None) -> None:
-    ap = argparse.ArgumentParser(description="bagpipes rest-frame spectra for the spectral emulator")
-    ap.add_argument("--n", type=int, required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--chunk-size", type=int, default=1000)
-    ap.add_argument("--proposal", default="wide", choices=proposals.PROPOSALS)
-    ap.add_argument("--workers", type=int, default=1)
-    ap.add_argument("--max-chunks", type=int, default=None)
-    ap.add_argument("--filter-path", default=None)
-    a = ap.parse_args(argv)
-    out = simulate_spectra(a.out, a.n, seed=a.seed, chunk_size=a.chunk_size, proposal=a.proposal, workers=a.workers,
-                           max_chunks=a.max_chunks, search_path=a.filter_path)
-    print(f"wrote {out}")
-
-
-if __name__ == "__main__":
-    main()
