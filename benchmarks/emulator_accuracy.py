@@ -61,7 +61,7 @@ def main() -> None:
         emu = Emulator.load(name)
         cols = [filters.index(f) for f in emu.filters]
         acc = accuracy_table(emu, theta, mags[:, cols])
-        print(f"\n## {name} ({emu.id}; {emu.meta['architecture']['design']} {emu.meta['architecture']['hidden']}), "
+        print(f"\n## {name} ({emu.id}; {emu.meta['architecture']['design']} {emu.meta['architecture'].get('hidden', '')}), "
               f"{acc['n']} models")
         print("| band | median |dm| | p95 |dm| | " + " | ".join(f"z {s['z_lo']}-{s['z_hi']} med/p95" for s in acc["by_z"]) + " |")
         for i, b in enumerate(emu.bands):

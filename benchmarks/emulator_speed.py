@@ -42,7 +42,7 @@ def main() -> None:
         best = min(best, time.perf_counter() - t0)
     rate = args.n / best
     print(f"device: {jax.devices()[0].device_kind}  emulator {emu.meta.get('name')} ({emu.id}, "
-          f"{emu.meta['architecture']['design']} {emu.meta['architecture']['hidden']}), {len(emu.bands)} bands")
+          f"{emu.meta['architecture']['design']} {emu.meta['architecture'].get('hidden', '')}), {len(emu.bands)} bands")
     print(f"emulator: {args.n} galaxies in {best * 1e3:.1f} ms -> {rate:.3g} galaxies/s "
           f"({rate * len(emu.bands):.3g} band magnitudes/s)")
     if args.n_bagpipes <= 0:

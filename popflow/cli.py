@@ -75,8 +75,10 @@ def _cmd_emulator_train_spectral(args) -> int:
                          learning_rate=args.learning_rate, seed=args.seed)
     command = (f"popflow emulator train-spectral {args.store} --out {args.out} --steps {args.steps} "
                f"--n-pca {args.n_pca} --batch-size {args.batch_size} --learning-rate {args.learning_rate} "
-               f"--seed {args.seed}" + (f" --validation {args.validation}" if args.validation else ""))
-    finished = train_from_spectra(args.store, args.out, cfg, resume=args.resume,
+               f"--seed {args.seed} --finetune-steps {args.finetune_steps}"
+               + (f" --validation {args.validation}" if args.validation else ""))
+    finished = train_from_spectra(args.store, args.out, cfg, resume=args.resume, finetune_steps=args.finetune_steps,
+                                  search_path=args.filter_path,
                                   max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes)
     if not finished:
         print("popflow emulator train-spectral: stopped at the time limit; continue with --resume")
@@ -114,7 +116,8 @@ def _cmd_emulator_select(args) -> int:
     sub.bands = tuple(sub.meta["bands"])
     sub.meta["name"] = args.bands
     sub.meta["band_sets"] = {args.bands: list(filters)}
-    sub.meta["reproduce"] = [c for c in (emu.meta.get("training", {}).get("command"),
+    sub.meta["reproduce"] = [c for c in (emu.meta.get("training", {}).get("data_command"),
+                                         emu.meta.get("training", {}).get("command"),
                                          emu.meta.get("training", {}).get("evaluate_command")) if c] + [
                              f"popflow emulator select {args.emulator} --bands {args.bands} --out {args.out}"]
     print(f"wrote {args.bands} emulator {sub.save(args.out)} ({len(filters)} bands) to {args.out}")
@@ -276,6 +279,15 @@ def _cmd_prior_train(args) -> int:
     return 0
 
 
+def _add_simulation_args(q) -> None:
+    """The arguments every bagpipes store generator takes."""
+    q.add_argument("--n", type=int, required=True, help="number of models")
+    q.add_argument("--out", required=True, help="output store (.zarr); an existing one with the same settings is resumed")
+    q.add_argument("--seed", type=int, default=0, help="master seed (default: 0)")
+    q.add_argument("--workers", type=int, default=1, help="worker processes (default: 1, in this process)")
+    q.add_argument("--chunk-size", type=int, default=1000, help="models per chunk (default: 1000)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="popflow", description=__doc__.splitlines()[0])
     from popflow import __version__
@@ -375,11 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sps", help="the offline SPS simulator (needs popflow[sps])")
     sps_sub = p.add_subparsers(dest="sps_command", required=True, metavar="SPS_COMMAND")
     q = sps_sub.add_parser("simulate", help="generate (or resume) a bagpipes training set in a Zarr store")
-    q.add_argument("--n", type=int, required=True, help="number of models")
-    q.add_argument("--out", required=True, help="output store (.zarr); an existing one with the same settings is resumed")
-    q.add_argument("--seed", type=int, default=0, help="master seed (default: 0)")
-    q.add_argument("--workers", type=int, default=1, help="worker processes (default: 1, in this process)")
-    q.add_argument("--chunk-size", type=int, default=1000, help="models per chunk (default: 1000)")
+    _add_simulation_args(q)
     q.add_argument("--proposal", choices=("wide", "prior", "uniform"), default="wide",
                    help="wide: widened analytic prior + uniform fraction (training); prior: the analytic prior "
                         "(validation); uniform: the box (default: wide)")
@@ -394,11 +402,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--no-progress", action="store_true", help="no progress bar")
     q.set_defaults(func=_cmd_sps_simulate)
     q = sps_sub.add_parser("spectra", help="generate (or resume) rest-frame bagpipes spectra for the spectral emulator")
-    q.add_argument("--n", type=int, required=True, help="number of models")
-    q.add_argument("--out", required=True, help="output store (.zarr); an existing one with the same settings is resumed")
-    q.add_argument("--seed", type=int, default=0, help="master seed (default: 0)")
-    q.add_argument("--workers", type=int, default=1, help="worker processes (default: 1, in this process)")
-    q.add_argument("--chunk-size", type=int, default=1000, help="models per chunk (default: 1000)")
+    _add_simulation_args(q)
     q.add_argument("--proposal", choices=("wide", "prior", "uniform"), default="wide", help="as for simulate (default: wide)")
     q.add_argument("--filter-path", action="append", default=[], help="folder searched for filter curve files (repeatable; also $POPFLOW_FILTER_PATH)")
     q.add_argument("--max-chunks", type=int, default=None, help="stop after this many new chunks (re-run to continue)")
@@ -435,6 +439,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--filter-path", action="append", default=[], help="folder searched for filter curve files (also $POPFLOW_FILTER_PATH)")
     q.add_argument("--max-minutes", type=float, default=None, help="stop (with a checkpoint) after this long; resume later")
+    q.add_argument("--finetune-steps", type=int, default=10_000,
+                   help="then fine-tune on the store's magnitudes through the photometry (default: 10000; 0: skip)")
     q.set_defaults(func=_cmd_emulator_train_spectral)
     q = em_sub.add_parser("evaluate", help="measure an emulator folder on a prior-drawn validation set; updates its "
                           "accuracy and error floor in place")

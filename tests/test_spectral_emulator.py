@@ -109,3 +109,36 @@ def test_training_round_trip_mass_scaling_and_domain(tmp_path):
     dom = np.asarray(phot.in_domain(np.stack([th[0], np.where(np.arange(14) == 13, 6.5, th[0])])))
     assert dom.tolist() == [True, False]
     assert isinstance(emu, SpectralEmulator)
+
+
+def test_finetune_on_magnitudes_lowers_the_band_error_and_keeps_the_spectral_weights(tmp_path):
+    """A short spectral-loss run, then fine-tuning on the magnitudes its own exact photometry gives for the
+    true toy spectra: the held-out median |dm| must drop, the improved weights replace weights.npz and
+    the spectral-loss ones stay in weights_spectral.npz."""
+    from popflow.emulator.train_spectral import finetune_photometry
+
+    rng = np.random.default_rng(1)
+    g = _toy_grid()
+    theta = proposal.draw(rng, 800, "uniform", z_min=1e-3)
+    theta[:, -1] = rng.uniform(0.01, 1.0, len(theta))
+    lnw = np.log(g["wave"] / 5000.0)
+    log_cont = (-3.0 + 0.3 * theta[:, [1]] - (1.0 + 0.4 * theta[:, [8]]) * lnw).astype(np.float32)
+    log_lines = np.stack([theta[:, 12] - 1.0, 0.5 * theta[:, 12] - 2.0], 1).astype(np.float32)
+    cfg = SpectralConfig(n_pca=4, cont_hidden=(32, 32), line_hidden=(16,), steps=200, batch_size=128,
+                         learning_rate=3e-3, checkpoint_every=1e9, steps_per_call=100)
+    train_spectral(theta, log_cont, log_lines, g, tmp_path, cfg, log=lambda s: None)
+    box = Filter("box", np.array([4000.0, 4000.5, 5999.5, 6000.0]), np.array([0.0, 1.0, 1.0, 0.0]))
+    ramp = Filter("ramp", np.linspace(5000.0, 9000.0, 50), np.linspace(0.1, 1.0, 50))
+    grid, filt = grid_to_jax(g), {k: jnp.asarray(v, jnp.float32) for k, v in filter_table([box, ramp], g["wave"]).items()}
+    mags = np.asarray(jax.vmap(lambda c, l, z: photometry_mag(c, l, z, grid, filt))(log_cont, log_lines, theta[:, -1]))
+    before = (tmp_path / "weights.npz").read_bytes()
+    out = finetune_photometry(tmp_path, theta, mags, [box, ramp], steps=300, batch_size=128, learning_rate=1e-3,
+                              eval_every=100, n_eval=200, log=lambda s: None)
+    start = out["history"][0]["heldout_median_dm"]
+    # a 2-layer net after 200 steps leaves band errors of several 0.01 mag; 300 steps on the band loss at
+    # least halve the held-out median (measured: 0.069 -> 0.024 mag)
+    assert out["heldout_median_dm"] < 0.5 * start
+    assert (tmp_path / "weights_spectral.npz").read_bytes() == before
+    assert (tmp_path / "weights.npz").read_bytes() != before
+    m = np.asarray(load_run(tmp_path).photometer([box, ramp]).magnitudes(theta[:5] * np.r_[0, np.ones(13)]))
+    assert np.all(np.isfinite(m))

@@ -4,13 +4,15 @@
 
 ``f`` are the transformed inputs of :func:`popflow.emulator.network.features`
 (every parameter but ``log_mass``), ``net`` a Speculator MLP (Alsing et al.
-2020). Design ``spectral`` (:mod:`popflow.emulator.spectral`) instead emulates the
-rest-frame spectrum and integrates it through the filter curves stored in the
-artifact; everything else (mass scaling, domain, band selection) is shared. With ``target = "m_minus_dm"`` the network predicts the unit-mass
+2020). With ``target = "m_minus_dm"`` the network predicts the unit-mass
 magnitude minus the distance modulus (smooth down to z = 0) and the distance
 modulus of :mod:`popflow.cosmology` is added analytically; with ``target =
 "m"`` it predicts the unit-mass apparent magnitude itself. The mass scaling is
 exact: ``m(log_mass + 1) = m(log_mass) - 2.5``.
+
+Design ``spectral`` (:mod:`popflow.emulator.spectral`) instead emulates the
+rest-frame spectrum and integrates it through the filter curves stored in the
+artifact; mass scaling, domain and band selection are the same.
 
 At z below ``Z_FLOOR`` the distance modulus is evaluated at ``Z_FLOOR`` (DM(0)
 is -inf); such points are outside :meth:`Emulator.in_domain`.

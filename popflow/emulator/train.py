@@ -28,7 +28,8 @@ from popflow.emulator.model import TARGETS, Z_FLOOR, Emulator
 from popflow.emulator.network import SpeculatorMLP, feature_names, features
 from popflow.params import DEFAULT_SPACE, ParameterSpace
 
-__all__ = ["TrainConfig", "prepare_targets", "cap_magnitudes", "read_training_store", "train", "accuracy_table", "Y_CAP"]
+__all__ = ["TrainConfig", "prepare_targets", "cap_magnitudes", "read_training_store", "train", "accuracy_table",
+           "measure_and_save", "Y_CAP"]
 
 Y_CAP = 30.0  # cap on unit-mass m - DM(z), mag (see cap_magnitudes)
 CHECKPOINT = "checkpoint.npz"
@@ -422,15 +423,22 @@ def train_from_store(store, band_sets: list[str], out, cfg: TrainConfig, *, vali
                                  for f in filters}
     emu.meta["band_sets"] = {bs: [f for f in attrs["band_sets"][bs]] for bs in (attrs["band_sets"] if band_sets == ["all"] else band_sets)}
     emu.meta["name"] = band_sets[0] if len(band_sets) == 1 else "+".join(band_sets)
-    emu.meta["accuracy"] = {"y_cap": Y_CAP, "box": accuracy_table(emu, theta[is_val], mags[is_val])}
-    emu.meta["accuracy"]["box"]["source"] = f"{store} (is_validation rows, wide proposal)"
+    return measure_and_save(emu, theta[is_val], mags[is_val], store, out, validation=validation, log=log)
+
+
+def measure_and_save(emu: Emulator, theta_box, mags_box, store, out, *, validation=None, log=print) -> Emulator:
+    """Record ``emu``'s accuracy on a training store's validation rows (``theta_box`` (n, dim), unit-mass
+    ``mags_box`` (n, n_bands): "box") and on a prior-drawn ``validation`` set ("prior"), set the error
+    floor (the prior set's per-band p68, else the box's), save the artifact to ``out`` and return ``emu``."""
+    emu.meta["accuracy"] = {"y_cap": Y_CAP, "box": {**accuracy_table(emu, theta_box, mags_box),
+                                                    "source": f"{store} (is_validation rows, wide proposal)"}}
     if validation is not None:
         set_prior_accuracy(emu, validation)
     else:
         emu.meta["error_floor"] = emu.meta["accuracy"]["box"]["p68"]
         emu.error_floor = np.asarray(emu.meta["error_floor"], np.float32)
     aid = emu.save(out)
-    log(f"wrote emulator {aid} to {out}")
+    log(f"wrote emulator {aid} ({emu.meta['architecture']['design']}, {len(emu.filters)} filters) to {out}")
     log(describe_accuracy(emu))
     return emu
 

@@ -1,12 +1,16 @@
 """Training of the spectral emulator (design b of issue 7) on a spectra store.
 
 :func:`fit_pca` builds the continuum basis; :func:`train_spectral` fits the two
-Speculator MLPs (continuum PCA coefficients, line log-luminosities) jointly with
-optax Adam (warm-up + cosine decay) on the summed mean squared error in dex:
+Speculator MLPs (continuum PCA coefficients; line log-luminosities relative to the
+youngest SFH bin's mass, :func:`popflow.emulator.spectral.spectral_inputs`) jointly
+with optax Adam (warm-up + cosine decay) on the summed mean squared error in dex:
 ``mean_k (log10 L_k - pred)^2`` over the continuum pixels (= the squared PCA
 coefficient error / n_pix, the basis being orthonormal) plus the same over the
-lines. Every ``checkpoint_every`` seconds it writes ``checkpoint.npz`` and a line of
-``train.log``; ``resume=True`` continues a stopped run.
+lines, where prediction and target are both raised to ``line_floor`` first (a line
+fainter than that is invisible in any band, so how faint does not matter). Every
+``checkpoint_every`` seconds it writes ``checkpoint.npz`` and a line of
+``train.log``; ``resume=True`` continues a stopped run. :func:`package_spectral`
+turns a finished run into an emulator artifact.
 
     popflow emulator train-spectral STORE.zarr --out DIR [--steps N] [--n-pca K] [--resume]
 """
@@ -14,6 +18,7 @@ lines. Every ``checkpoint_every`` seconds it writes ``checkpoint.npz`` and a lin
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -27,7 +32,8 @@ from popflow.emulator.network import init_mlp, mlp_apply
 from popflow.emulator.spectral import SpectralEmulator, spectral_inputs
 from popflow.params import DEFAULT_SPACE
 
-__all__ = ["SpectralConfig", "fit_pca", "train_spectral", "train_from_spectra", "spectral_arrays", "package_spectral",
+__all__ = ["SpectralConfig", "fit_pca", "train_spectral", "train_from_spectra", "finetune_photometry", "spectral_arrays",
+           "package_spectral",
            "load_run"]
 
 CHECKPOINT = "checkpoint.npz"
@@ -78,8 +84,9 @@ def train_spectral(theta, log_cont, log_lines, grid: dict, out_dir, cfg: Spectra
     """Train on rest-frame pieces (``theta`` (n, dim), ``log_cont`` (n, n_pix), ``log_lines`` (n, n_lines))
     and return the emulator with the best held-out weights (also saved as ``out_dir/weights.npz``).
 
-    Targets are clipped below at ``cfg.cont_floor`` / ``cfg.line_floor`` (no visible flux there),
-    which removes the up-to-12-dex drops of fully obscured pixels and lines from the regression."""
+    Continuum targets are clipped below at ``cfg.cont_floor`` and lines compared above
+    ``cfg.line_floor`` only (no visible flux there), which removes the up-to-12-dex drops of
+    fully obscured pixels and lines from the regression."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     x, log_young = (np.asarray(a, np.float32) for a in spectral_inputs(DEFAULT_SPACE, theta))
@@ -202,6 +209,104 @@ def load_run(out_dir) -> SpectralEmulator:
     return SpectralEmulator(tree, grid)
 
 
+FINETUNE_LOG = "finetune.log"
+
+
+def finetune_photometry(run_dir, theta, mags, curves, *, steps: int = 10_000, batch_size: int = 512,
+                        learning_rate: float = 1e-4, eval_every: int = 500, n_eval: int = 4096,
+                        max_seconds: float | None = None, seed: int = 0, log=print) -> dict:
+    """Fine-tune a finished run on the simulator's own magnitudes, through the exact photometry.
+
+    ``theta`` (n, dim) and unit-mass ``mags`` (n, n_filters) are the rows the run was trained on
+    (same order: its held-out split is reused), ``curves`` the :class:`popflow.filters.Filter` of
+    the magnitude columns.
+
+    The spectral loss weighs every pixel alike, so an error shared by the pixels of a band (a
+    0.005 dex offset or tilt) costs little there but is 0.0125 mag in the band. This stage
+    minimises the squared magnitude error itself over every filter, both sides
+    capped as in :func:`popflow.emulator.train.accuracy_table`, with Adam (warm-up, cosine
+    decay from ``learning_rate``) from the run's weights, on the rows :func:`train_spectral`
+    trained on. Every ``eval_every`` steps the median |dm| on ``n_eval`` of the run's held-out
+    rows decides which weights are kept; they are written back to ``run_dir/weights.npz`` each
+    time they improve (the spectral-loss weights stay in ``weights_spectral.npz``), so an
+    interrupted run keeps its gains. Returns ``{"step", "heldout_median_dm", "history"}``.
+    """
+    from popflow.artifacts import flatten_tree
+    from popflow.cosmology import distance_modulus
+    from popflow.emulator.train import Y_CAP
+
+    run_dir = Path(run_dir)
+    cfg_d = json.loads((run_dir / "config.json").read_text())
+    cfg = SpectralConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in cfg_d.items()})
+    i_tr, i_ho = _split(len(theta), cfg)  # the run's own split
+    rng = np.random.default_rng(seed)
+    i_ev = np.sort(rng.choice(i_ho, min(n_eval, i_ho.size), replace=False))
+    theta = np.array(theta, np.float32)
+    theta[:, DEFAULT_SPACE.index("log_mass")] = 0.0
+    emu = load_run(run_dir)
+    phot = emu.photometer(list(curves))
+    i_z = DEFAULT_SPACE.index("redshift")
+
+    def capped(m, z):
+        return jnp.minimum(m, distance_modulus(jnp.maximum(z, 1e-3))[:, None] + Y_CAP)
+
+    fixed = {k: v for k, v in emu.w.items() if k not in ("cont", "lines")}
+    params = {"cont": emu.w["cont"], "lines": emu.w["lines"]}
+    th_j, m_j = jnp.asarray(theta), jnp.asarray(mags, jnp.float32)
+
+    def loss_fn(p, tb, mb):
+        pred = phot.magnitudes(tb, weights={**fixed, **p})
+        return jnp.mean((capped(pred, tb[:, i_z]) - capped(mb, tb[:, i_z])) ** 2)
+
+    sched = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(200, steps // 10), steps,
+                                               end_value=learning_rate / 100)
+    opt = optax.adam(sched)
+    i_tr_j = jnp.asarray(i_tr)
+
+    @jax.jit
+    def run(p, o, key):
+        def body(carry, k):
+            p, o = carry
+            idx = i_tr_j[jax.random.randint(k, (batch_size,), 0, i_tr_j.shape[0])]
+            loss, g = jax.value_and_grad(loss_fn)(p, th_j[idx], m_j[idx])
+            upd, o = opt.update(g, o, p)
+            return (optax.apply_updates(p, upd), o), loss
+
+        (p, o), losses = jax.lax.scan(body, (p, o), jax.random.split(key, 50))
+        return p, o, jnp.mean(losses)
+
+    ev = jax.jit(lambda p: jnp.abs(capped(phot.magnitudes(th_j[i_ev], weights={**fixed, **p}), th_j[i_ev, i_z])
+                                   - capped(m_j[i_ev], th_j[i_ev, i_z])))
+    weights_file = run_dir / "weights.npz"
+    if not (run_dir / "weights_spectral.npz").exists():
+        shutil.copyfile(weights_file, run_dir / "weights_spectral.npz")
+    best = float(np.median(np.asarray(ev(params))))
+    history = [{"step": 0, "heldout_median_dm": best}]
+    log(f"fine-tune on magnitudes ({len(phot.filters)} filters): start held-out median |dm| {best:.4f} mag")
+    opt_state, key, t0, step, losses = opt.init(params), jax.random.PRNGKey(seed + 7), time.time(), 0, []
+    while step < steps and (max_seconds is None or time.time() - t0 < max_seconds):
+        params, opt_state, loss = run(params, opt_state, jax.random.fold_in(key, step))
+        step += 50
+        losses.append(float(loss))
+        if step % eval_every == 0 or step >= steps:
+            med = float(np.median(np.asarray(ev(params))))
+            history.append({"step": step, "seconds": round(time.time() - t0, 1), "train_mag2": float(np.mean(losses)),
+                            "heldout_median_dm": med})
+            losses = []
+            with open(run_dir / FINETUNE_LOG, "a") as fh:
+                fh.write(json.dumps(history[-1]) + "\n")
+            log(json.dumps(history[-1]))
+            if med < best:
+                best = med
+                with np.load(weights_file) as z:
+                    flat = dict(z)
+                flat.update({k: np.asarray(v, np.float32)
+                             for k, v in flatten_tree(jax.tree.map(np.asarray, params)).items()})
+                np.savez(weights_file.with_suffix(".tmp.npz"), **flat)
+                weights_file.with_suffix(".tmp.npz").replace(weights_file)
+    return {"step": step, "heldout_median_dm": best, "history": history}
+
+
 def spectral_arrays(run: dict, curves) -> dict[str, np.ndarray]:
     """Artifact arrays of a spectral emulator: a run's flat weights (``weights.npz`` of
     :func:`train_spectral`: network trees and ``grid/...``) under ``spectral/``, the grid as is,
@@ -224,7 +329,7 @@ def package_spectral(run_dir, store, out, *, validation=None, search_path=None, 
     the other designs. Returns the saved emulator.
     """
     from popflow.emulator.model import Emulator
-    from popflow.emulator.train import Y_CAP, accuracy_table, band_names, describe_accuracy, set_prior_accuracy
+    from popflow.emulator.train import band_names, measure_and_save
     from popflow.emulator.network import feature_names
     from popflow.filters import load_filter
     from popflow.sps.spectra import read_spectra_store
@@ -263,32 +368,38 @@ def package_spectral(run_dir, store, out, *, validation=None, search_path=None, 
                      "proposal": attrs.get("proposal"), "bagpipes_version": attrs.get("bagpipes_version"),
                      "config": cfg, "steps": history[-1]["step"], "seconds": history[-1]["seconds"],
                      "heldout": {k: history[-1][k] for k in ("heldout_cont_dex2", "heldout_lines_dex2")},
+                     "data_command": f"popflow sps spectra --n {attrs['n_models']} --seed {attrs['seed']} "
+                                     f"--chunk-size {attrs['chunk_size']} --proposal {attrs['proposal']['kind']} "
+                                     f"--workers 2 --out {store}",
                      "command": command},
     }
-    emu = Emulator(meta, arrays)
-    emu.meta["accuracy"] = {"y_cap": Y_CAP, "box": {**accuracy_table(emu, val["theta"], val["mag_unit"]),
-                                                    "source": f"{store} (is_validation rows, wide proposal)"}}
-    if validation is not None:
-        set_prior_accuracy(emu, validation)
-    else:
-        emu.meta["error_floor"] = emu.meta["accuracy"]["box"]["p68"]
-        emu.error_floor = np.asarray(emu.meta["error_floor"], np.float32)
-    aid = emu.save(out)
-    log(f"wrote spectral emulator {aid} ({len(filters)} filters) to {out}")
-    log(describe_accuracy(emu))
-    return emu
+    if (run_dir / FINETUNE_LOG).is_file():
+        tuned = [json.loads(line) for line in (run_dir / FINETUNE_LOG).read_text().splitlines()]
+        meta["training"]["finetune"] = {"loss": "squared capped magnitude error, every filter (finetune_photometry)",
+                                        "steps": tuned[-1]["step"], "seconds": tuned[-1]["seconds"],
+                                        "heldout_median_dm": min(t["heldout_median_dm"] for t in tuned)}
+    return measure_and_save(Emulator(meta, arrays), val["theta"], val["mag_unit"], store, out, validation=validation,
+                            log=log)
 
 
 def train_from_spectra(store, out_dir, cfg: SpectralConfig = SpectralConfig(), *, resume: bool = False,
-                       max_seconds: float | None = None, log=print) -> bool:
-    """Train on the non-validation rows of a spectra store; True when all ``cfg.steps`` are done
-    (False: stopped at ``max_seconds``, with a checkpoint to resume from)."""
+                       max_seconds: float | None = None, finetune_steps: int = 0, search_path=None,
+                       log=print) -> bool:
+    """Train on the non-validation rows of a spectra store, then (``finetune_steps``) fine-tune on its
+    magnitudes (:func:`finetune_photometry`); True when all ``cfg.steps`` are done (False: stopped at
+    ``max_seconds``, with a checkpoint to resume from, before any fine-tuning)."""
+    from popflow.filters import load_filter
     from popflow.sps.spectra import read_spectra_store
 
-    d, _ = read_spectra_store(store)
+    d, attrs = read_spectra_store(store)
     keep = ~d["is_validation"]
     log(f"{store}: {int(keep.sum())} models (validation rows excluded)")
     train_spectral(d["theta"][keep], d["log_cont"][keep], d["log_lines"][keep], d, out_dir, cfg, resume=resume,
                    max_seconds=max_seconds, log=log)
     with np.load(Path(out_dir) / CHECKPOINT) as z:
-        return int(z["step"]) >= cfg.steps
+        if int(z["step"]) < cfg.steps:
+            return False
+    if finetune_steps:
+        curves = [load_filter(f, search_path) for f in attrs["filters"]]
+        finetune_photometry(out_dir, d["theta"][keep], d["mag_unit"][keep], curves, steps=finetune_steps, log=log)
+    return True
