@@ -34,7 +34,7 @@ __all__ = ["Emulator", "Z_FLOOR", "TARGETS", "DESIGNS"]
 
 TARGETS = ("m_minus_dm", "m", "rest_frame_spectrum")
 DESIGNS = (*NETWORK_DESIGNS, "spectral")
-_EXACT_PREFIXES = ("grid/", "curves/")  # spectral design: the rest grid and filter curves stay float64
+_EXACT_PREFIXES = ("grid/wave", "grid/width", "grid/igm_z", "curves/")  # spectral design: grid and curves stay float64
 Z_FLOOR = 1e-3  # redshift below which the distance modulus is frozen and points are out of domain
 
 
@@ -96,7 +96,7 @@ class Emulator:
     @property
     def weights(self) -> dict[str, np.ndarray]:
         """Flat ``{"net/layers/0/W": array, ...}`` weights (a copy): float32, but the spectral
-        design's rest grid and filter curves (``grid/``, ``curves/``), which stay float64."""
+        design's rest-grid wavelengths and filter curves, which stay float64."""
         return {k: v.copy() for k, v in self._weights.items()}
 
     @staticmethod

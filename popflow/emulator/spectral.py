@@ -100,7 +100,7 @@ def grid_to_jax(grid: dict) -> dict:
     ratio = np.asarray(grid["width"], np.float64) / wave
     if not np.allclose(ratio, ratio[0], rtol=1e-6):
         raise ValueError("spectral emulator: pixel widths must be a constant fraction of the wavelength")
-    igm = np.asarray(grid["igm_table"], np.float64)
+    igm = np.asarray(grid["igm_table"], np.float64)  # (n_pix or fewer: the dimmed pixels, n_z)
     n_igm = int(np.flatnonzero((igm < 1.0).any(axis=1)).max(initial=-1)) + 1
     f32 = lambda a: jnp.asarray(a, jnp.float32)  # noqa: E731
     return {"wave": f32(wave), "width": f32(grid["width"]), "line_pixel": jnp.asarray(grid["line_pixel"], jnp.int32),

@@ -29,7 +29,7 @@ import numpy as np
 import optax
 
 from popflow.emulator.network import init_mlp, mlp_apply
-from popflow.emulator.spectral import SpectralEmulator, spectral_inputs
+from popflow.emulator.spectral import Z_MAX, SpectralEmulator, spectral_inputs
 from popflow.params import DEFAULT_SPACE
 
 __all__ = ["SpectralConfig", "fit_pca", "train_spectral", "train_from_spectra", "finetune_photometry", "spectral_arrays",
@@ -314,6 +314,11 @@ def spectral_arrays(run: dict, curves) -> dict[str, np.ndarray]:
     from popflow.artifacts import flatten_tree
 
     arrays = {(k if k.startswith("grid/") else "spectral/" + k): np.asarray(v) for k, v in run.items()}
+    # the IGM table only where it dims (below Lyman alpha) and up to the box's redshift: 1/13 of the full table
+    igm, igm_z = arrays["grid/igm_table"], arrays["grid/igm_z"]
+    n_pix = int(np.flatnonzero((igm < 1.0).any(axis=1)).max(initial=-1)) + 1
+    n_z = int(np.searchsorted(igm_z, Z_MAX, side="right")) + 1
+    arrays["grid/igm_table"], arrays["grid/igm_z"] = igm[:n_pix, :n_z].astype(np.float32), igm_z[:n_z]
     arrays.update(flatten_tree({"curves": {str(i): {"wavelength": c.wavelength, "transmission": c.transmission}
                                            for i, c in enumerate(curves)}}))
     return arrays
