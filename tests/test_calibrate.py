@@ -176,13 +176,16 @@ def test_zcosmos_calibration_gives_sensible_zero_points(shared_data, tmp_path):
                                emulator=emu, prior=AnalyticPrior(space=emu.space), n_iter=1,
                                fit_kwargs=dict(n_cand=128, n_steps=300))
     zp = dict(zip(ds.attrs["bands"], report["zero_point_mag"]))
-    # Subaru B and UKIRT J come out at -0.19 and +0.22 mag on 400 galaxies, and at -0.19/-0.19/-0.13 and
-    # +0.22/+0.21/+0.25 in the redshift bins 0-0.4, 0.4-0.7, 0.7-1.5 (300 galaxies): an offset between these
-    # catalogue bands and the emulator's curves, not SED physics (BENCHMARKS.md, issue 5). The other eight are the
-    # "few hundredths" the data README describes; with 150 galaxies each is known to ~0.01 mag.
-    others = {b: v for b, v in zp.items() if b not in ("B", "J")}
+    # Subaru B and UKIRT J come out at -0.19 and +0.11 mag, WIRCam Ks at -0.13 (150 galaxies, the spectral
+    # emulators of 2026-12-03, 0.003 mag from bagpipes in these bands). B is -0.19/-0.19/-0.13 in the redshift
+    # bins 0-0.4, 0.4-0.7, 0.7-1.5: an offset between the catalogue band and its curve, not SED physics
+    # (BENCHMARKS.md, issue 5). The earlier trunk emulators (0.03 mag off bagpipes) gave J +0.18 and Ks -0.03:
+    # part of J's offset was emulator error and part of Ks's was hidden by it; what remains in the near-IR is
+    # bagpipes/BC03 against real galaxies. The other seven are the "few hundredths" the data README describes;
+    # with 150 galaxies each is known to ~0.01 mag.
+    others = {b: v for b, v in zp.items() if b not in ("B", "J", "Ks")}
     assert all(abs(v) < 0.1 for v in others.values()), others
-    assert -0.3 < zp["B"] < -0.1 and 0.1 < zp["J"] < 0.35, zp
+    assert -0.3 < zp["B"] < -0.1 and 0.05 < zp["J"] < 0.35 and -0.25 < zp["Ks"] < 0.0, zp
     assert np.all(np.asarray(dm.error_floor) >= 0.4 * np.log(10) * np.asarray(emu.error_floor) - 1e-9)
 
 
