@@ -93,8 +93,10 @@ def cap_magnitudes(mags, z):
     capped magnitude is DM + 30 - 32.5 >= 35.5, below 0.02 nJy (survey noise is ~10 nJy);
     such models are UV bands of very dusty galaxies at z > 3 or bands behind the IGM
     (bagpipes stores MAG_CAP = 99 there). The cap keeps that invisible range out of the
-    regression.
+    regression. JAX arrays (and tracers) stay in JAX, for losses.
     """
+    if isinstance(mags, jax.Array):
+        return jnp.minimum(mags, distance_modulus(jnp.maximum(z, Z_FLOOR))[:, None] + Y_CAP)
     return np.minimum(np.asarray(mags, np.float32), _dm(np.asarray(z))[:, None] + Y_CAP)
 
 

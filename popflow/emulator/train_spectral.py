@@ -232,8 +232,7 @@ def finetune_photometry(run_dir, theta, mags, curves, *, steps: int = 10_000, ba
     interrupted run keeps its gains. Returns ``{"step", "heldout_median_dm", "history"}``.
     """
     from popflow.artifacts import flatten_tree
-    from popflow.cosmology import distance_modulus
-    from popflow.emulator.train import Y_CAP
+    from popflow.emulator.train import cap_magnitudes as capped
 
     run_dir = Path(run_dir)
     cfg_d = json.loads((run_dir / "config.json").read_text())
@@ -246,9 +245,6 @@ def finetune_photometry(run_dir, theta, mags, curves, *, steps: int = 10_000, ba
     emu = load_run(run_dir)
     phot = emu.photometer(list(curves))
     i_z = DEFAULT_SPACE.index("redshift")
-
-    def capped(m, z):
-        return jnp.minimum(m, distance_modulus(jnp.maximum(z, 1e-3))[:, None] + Y_CAP)
 
     fixed = {k: v for k, v in emu.w.items() if k not in ("cont", "lines")}
     params = {"cont": emu.w["cont"], "lines": emu.w["lines"]}
@@ -280,6 +276,8 @@ def finetune_photometry(run_dir, theta, mags, curves, *, steps: int = 10_000, ba
     weights_file = run_dir / "weights.npz"
     if not (run_dir / "weights_spectral.npz").exists():
         shutil.copyfile(weights_file, run_dir / "weights_spectral.npz")
+    with np.load(weights_file) as z:
+        flat = dict(z)
     best = float(np.median(np.asarray(ev(params))))
     history = [{"step": 0, "heldout_median_dm": best}]
     log(f"fine-tune on magnitudes ({len(phot.filters)} filters): start held-out median |dm| {best:.4f} mag")
@@ -298,8 +296,6 @@ def finetune_photometry(run_dir, theta, mags, curves, *, steps: int = 10_000, ba
             log(json.dumps(history[-1]))
             if med < best:
                 best = med
-                with np.load(weights_file) as z:
-                    flat = dict(z)
                 flat.update({k: np.asarray(v, np.float32)
                              for k, v in flatten_tree(jax.tree.map(np.asarray, params)).items()})
                 np.savez(weights_file.with_suffix(".tmp.npz"), **flat)
