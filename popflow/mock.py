@@ -1,7 +1,10 @@
 """Mock catalogues from popflow's own forward model, with their true parameters kept.
 
 A mock galaxy is a draw theta from a population prior, its apparent magnitudes
-from an emulator, and LSST-like noise from photerr (Crenshaw et al. 2024,
+from an emulator, optionally an independent Gaussian model error of
+``model_error`` mag per band (the galaxy's SED departing from the model's: real
+galaxies differ from any SPS model by a few hundredths of a magnitude, the
+error floors calibrated on real catalogues in BENCHMARKS.md), and LSST-like noise from photerr (Crenshaw et al. 2024,
 ``photerr.LsstErrorModel``: the Ivezic et al. 2019 error model, 10-year depth by
 default). Noise is drawn in flux (photerr ``outputType="maggy"``), so faint
 galaxies keep negative fluxes, as real forced photometry does. Galaxies are kept
@@ -10,11 +13,12 @@ is brighter than ``mag_limit`` (default i < 25.3, the LSST gold sample).
 
 The table has the column names of a band set (``popflow ingest --bands NAME``
 reads it as it is): the id column, flux and error columns in nJy, plus
-``true_<parameter>`` for every parameter and ``true_mag_<band>`` for every band.
+``true_<parameter>`` for every parameter and ``true_mag_<band>`` for every band (the
+emulator's magnitudes, before the model error).
 
 Regenerate the shipped demo catalogue with::
 
-    python -m popflow.mock --emulator lsst --bands lsst --n 1000 --seed 1 \\
+    python -m popflow.mock --emulator lsst --bands lsst --n 1000 --seed 1 --model-error 0.03 \\
         --out popflow/data/catalogs/lsst_demo.parquet
 """
 
@@ -31,7 +35,7 @@ NJY_PER_MAGGY = 3631e9  # 1 maggy = 3631 Jy
 
 
 def simulate_catalog(seed: int, n: int, *, emulator, prior, bands="lsst", mag_limit: float = 25.3,
-                     select_band: str = "i", n_years: float = 10.0, batch: int = 20_000):
+                     select_band: str = "i", n_years: float = 10.0, model_error: float = 0.0, batch: int = 20_000):
     """Draw ``n`` mock galaxies; returns a pandas DataFrame (columns: module docstring).
 
     Args:
@@ -43,6 +47,8 @@ def simulate_catalog(seed: int, n: int, *, emulator, prior, bands="lsst", mag_li
             photerr LSST bands (u, g, r, i, z, y).
         mag_limit, select_band: keep galaxies with true magnitude in ``select_band`` < ``mag_limit``.
         n_years: survey duration for photerr's depths.
+        model_error: rms [mag] of the Gaussian model error added to every band before the noise
+            (a fit should then add it to its error floor); 0 for photometry exactly on the model.
         batch: prior draws per round of rejection.
     """
     import jax
@@ -51,6 +57,8 @@ def simulate_catalog(seed: int, n: int, *, emulator, prior, bands="lsst", mag_li
 
     from popflow.catalog import load_bandset
 
+    if not model_error >= 0.0:
+        raise ValueError(f"model_error={model_error} must be a non-negative magnitude")
     bandset = load_bandset(bands)
     names = list(bandset.band_names)
     model = LsstErrorModel(nYrObs=n_years, outputType="maggy")
@@ -81,7 +89,9 @@ def simulate_catalog(seed: int, n: int, *, emulator, prior, bands="lsst", mag_li
     theta = np.concatenate(thetas)[:n]
     mag = np.concatenate(mags)[:n].astype(np.float64)
 
-    noisy = model(pd.DataFrame(mag, columns=names), random_state=np.random.default_rng(seed))
+    rng = np.random.default_rng(seed)
+    observed = mag + model_error * rng.standard_normal(mag.shape) if model_error > 0 else mag
+    noisy = model(pd.DataFrame(observed, columns=names), random_state=rng)
     out = {bandset.id_column or "id": np.arange(n, dtype=np.int64)}
     for b in bandset.bands:
         out[b.column] = (noisy[b.name].to_numpy() * NJY_PER_MAGGY).astype(np.float32)
@@ -106,10 +116,11 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--mag-limit", type=float, default=25.3)
     p.add_argument("--select-band", default="i")
+    p.add_argument("--model-error", type=float, default=0.0, help="Gaussian model error per band [mag] (module docstring)")
     p.add_argument("--out", required=True, help="output table (.parquet or .csv)")
     a = p.parse_args(argv)
     df = simulate_catalog(a.seed, a.n, emulator=Emulator.load(a.emulator), prior=AnalyticPrior() if a.prior is None else load_prior(a.prior), bands=a.bands,
-                          mag_limit=a.mag_limit, select_band=a.select_band)
+                          mag_limit=a.mag_limit, select_band=a.select_band, model_error=a.model_error)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".csv":
