@@ -139,7 +139,7 @@ Z_BANDWIDTH = 0.01  # (1 + z): kernel width given to the known redshifts of a sp
 
 
 def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dict, seed: int, n_pop: int,
-                     known_redshift: bool = False, log=print):
+                     known_redshift: bool = False, em_steps: int = 1, log=print):
     """A population prior learned from ``n_pop`` training galaxies; returns (flow prior, seconds to build).
 
     The galaxies are fitted by popflow under ``base_prior``; their pooled posterior draws are one EM step from
@@ -147,46 +147,68 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
     population density). With ``known_redshift`` they are fitted at their spectroscopic redshifts, and each draw's
     redshift gets a Gaussian kernel of ``Z_BANDWIDTH (1 + z)`` (:func:`popflow.priors.samples.smooth_redshift`).
     A diffusion prior is trained on them and distilled into a flow, the diffusion prior's fast
-    path. Every stage is cached in ``wd`` (the fit resumes), so a rerun costs nothing.
+    path. ``em_steps`` > 1 takes further EM steps without refitting: each galaxy's draws are importance-resampled
+    to its posterior under the last flow (:func:`popflow.priors.samples.reweight_pooled`), pooled, and a new
+    diffusion prior and flow are trained on them; the pooled posteriors of the first step are the population
+    convolved with their own width, so each step sharpens them toward the population. Every stage is cached in
+    ``wd`` (the fit resumes), so a rerun costs nothing.
     """
     import jax
+    import jax.numpy as jnp
+    import xarray as xr
 
     from popflow.fit import FitSettings
     from popflow.pipeline import fit_catalog
     from popflow.priors import distill, load_prior, train_diffusion_prior
-    from popflow.priors.samples import read_samples, smooth_redshift
+    from popflow.priors.samples import read_samples, reweight_pooled, smooth_redshift
 
     kind = "specz_population" if known_redshift else "population"
-    tag = wd / f"{kind}_{n_pop}_{seed}_{hashlib.sha256(json.dumps(datamodel.to_dict()).encode()).hexdigest()[:8]}"
-    flow_dir, diffusion_dir, record = Path(f"{tag}_flow"), Path(f"{tag}_diffusion"), Path(f"{tag}.json")
-    if (flow_dir / "model.json").exists() and record.exists():
-        return load_prior(flow_dir), json.loads(record.read_text())["seconds"]
-    t0 = time.perf_counter()
+    base_tag = wd / f"{kind}_{n_pop}_{seed}_{hashlib.sha256(json.dumps(datamodel.to_dict()).encode()).hexdigest()[:8]}"
     rows = np.sort(np.random.default_rng(seed + 2).choice(train.sizes["galaxy"], min(n_pop, train.sizes["galaxy"]), replace=False))
-    catalog, fits = Path(f"{tag}_catalog.zarr"), Path(f"{tag}_fits.zarr")
-    if not catalog.exists():
-        train.isel(galaxy=rows).chunk({"galaxy": 1000}).to_zarr(catalog, consolidated=False)
-    fit_catalog(catalog, fits, emulator=DATASETS[name]["emulator"], prior=base_prior, datamodel=datamodel,
-                settings=FitSettings(**settings), seed=seed, workers=1, known_redshift="z_spec" if known_redshift else None,
-                progress=False, log=log)
-    theta = read_samples(fits, base_prior.space)
-    if known_redshift:
-        theta = smooth_redshift(theta, base_prior.space, Z_BANDWIDTH, seed=seed + 3)
-    log(f"population prior: {len(theta)} pooled draws of {rows.size} training galaxies; training the diffusion prior")
-    teacher = train_diffusion_prior(theta, base_prior.space, batch_size=2048, seed=seed, out=diffusion_dir, progress=False,
-                                    source=f"pooled popflow posterior draws of {rows.size} {name} training galaxies"
-                                           + (" at their spectroscopic redshifts" if known_redshift else ""))
-    teacher.save(diffusion_dir)
-    flow = distill(teacher, jax.random.key(seed), progress=False)
-    flow.save(flow_dir)
-    seconds = time.perf_counter() - t0
-    record.write_text(json.dumps({"seconds": seconds, "n_galaxies": int(rows.size), "n_draws": int(len(theta)),
-                                  "diffusion": teacher.info, "flow": flow.info}, indent=1, default=float))
+    catalog, fits = Path(f"{base_tag}_catalog.zarr"), Path(f"{base_tag}_fits.zarr")
+    seconds, flow = 0.0, None
+    for step in range(1, em_steps + 1):
+        tag = base_tag if step == 1 else Path(f"{base_tag}_em{step}")
+        flow_dir, diffusion_dir, record = Path(f"{tag}_flow"), Path(f"{tag}_diffusion"), Path(f"{tag}.json")
+        if (flow_dir / "model.json").exists() and record.exists():
+            flow, seconds = load_prior(flow_dir), json.loads(record.read_text())["seconds"]
+            continue
+        t0 = time.perf_counter()
+        if step == 1:
+            if not catalog.exists():
+                train.isel(galaxy=rows).chunk({"galaxy": 1000}).to_zarr(catalog, consolidated=False)
+            fit_catalog(catalog, fits, emulator=DATASETS[name]["emulator"], prior=base_prior, datamodel=datamodel,
+                        settings=FitSettings(**settings), seed=seed, workers=1, known_redshift="z_spec" if known_redshift else None,
+                        progress=False, log=log)
+            theta = read_samples(fits, base_prior.space)
+        else:
+            post = xr.open_zarr(fits, group="posterior", consolidated=False)
+            draws = np.stack([post[n].values for n in base_prior.space.names], axis=-1)  # (G, chain, draw, dim)
+            draws = draws.reshape(draws.shape[0], -1, draws.shape[-1])
+            usable = np.all(np.isfinite(draws), axis=(1, 2))
+            draws = draws[usable]
+            flat = jnp.asarray(draws.reshape(-1, draws.shape[-1]))
+            logp = lambda p: np.concatenate([np.asarray(jax.jit(p.log_prob)(flat[i:i + 65536]))  # noqa: E731
+                                             for i in range(0, flat.shape[0], 65536)]).reshape(draws.shape[:2])
+            theta = reweight_pooled(draws, logp(flow), logp(base_prior), seed=seed + 10 + step)
+        if known_redshift:
+            theta = smooth_redshift(theta, base_prior.space, Z_BANDWIDTH, seed=seed + 3 + 100 * (step - 1))
+        log(f"population prior, EM step {step}: {len(theta)} pooled draws of {rows.size} training galaxies; training the diffusion prior")
+        teacher = train_diffusion_prior(theta, base_prior.space, batch_size=2048, seed=seed, out=diffusion_dir, progress=False,
+                                        source=f"pooled popflow posterior draws of {rows.size} {name} training galaxies"
+                                               + (" at their spectroscopic redshifts" if known_redshift else "")
+                                               + (f", EM step {step}" if step > 1 else ""))
+        teacher.save(diffusion_dir)
+        flow = distill(teacher, jax.random.key(seed), progress=False)
+        flow.save(flow_dir)
+        seconds += time.perf_counter() - t0
+        record.write_text(json.dumps({"seconds": seconds, "n_galaxies": int(rows.size), "n_draws": int(len(theta)), "em_step": step,
+                                      "diffusion": teacher.info, "flow": flow.info}, indent=1, default=float))
     return flow, seconds
 
 
 def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIANTS, n_pop=1000, calib_iterations=None,
-                rest_frame=False, filter_path=None, emulator_floor=True, log=print):
+                rest_frame=False, filter_path=None, emulator_floor=True, em_steps=1, log=print):
     """Fit the test subset in each variant (module docstring); returns (rows, diagnostics)."""
     import jax
 
@@ -220,23 +242,25 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
         t_cal = time.perf_counter() - t0
         save_datamodel(dm_path, dm, {"filters": list(train.attrs["filters"]), "calibration": report, "seconds": t_cal})
     calibrated_prior = AnalyticPrior(space=emu.space, nz=nz_from_redshifts(ztr))
+    em = f", {em_steps} EM steps" if em_steps > 1 else ""
     runs = {
         "shipped": lambda: ("as shipped: unit zero points, emulator floor, uniform z", DataModel.from_emulator(emu),
                             AnalyticPrior(space=emu.space), 0.0),
         "calibrated": lambda: ("calibrated zero points + floors" + ("" if emulator_floor else " (no emulator minimum)")
                                + (" + rest-frame correction" if rest_frame else "")
                                + ", training n(z)", dm, calibrated_prior, t_cal),
-        "population": lambda: (f"calibrated + population prior from {n_pop} training fits", dm,
-                               *population_prior(name, train, wd, dm, calibrated_prior, settings, seed, n_pop, log=log)),
-        "specz_population": lambda: (f"calibrated + population prior from {n_pop} training fits at z_spec", dm,
+        "population": lambda: (f"calibrated + population prior from {n_pop} training fits{em}", dm,
+                               *population_prior(name, train, wd, dm, calibrated_prior, settings, seed, n_pop,
+                                                 em_steps=em_steps, log=log)),
+        "specz_population": lambda: (f"calibrated + population prior from {n_pop} training fits at z_spec{em}", dm,
                                      *population_prior(name, train, wd, dm, calibrated_prior, settings, seed, n_pop,
-                                                       known_redshift=True, log=log)),
+                                                       known_redshift=True, em_steps=em_steps, log=log)),
     }
     out = {}
     for v in variants:
         i = VARIANTS.index(v)
         label, datamodel, prior, t_train = runs[v]()
-        post = wd / f"posterior_{i}{iters}.zarr"
+        post = wd / f"posterior_{i}{iters}{'' if 'population' not in v or em_steps == 1 else f'_em{em_steps}'}.zarr"
         r = fit_catalog(test_store, post, emulator=DATASETS[name]["emulator"], prior=prior, datamodel=datamodel, settings=FitSettings(**settings),
                         seed=seed, workers=1, overwrite=True, progress=False, log=log)
         m = metrics.evaluate_posterior(post, catalog=test_store, out_dir=wd / f"plots_{i}")
@@ -305,6 +329,7 @@ def main(argv=None) -> int:
     ap.add_argument("--n-calib", type=int, default=400, help="training galaxies for popflow calibrate")
     ap.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS), help="popflow runs (module docstring)")
     ap.add_argument("--n-pop", type=int, default=1000, help="training galaxies fitted for the population prior")
+    ap.add_argument("--pop-em-steps", type=int, default=1, help="EM steps of the population prior (population_prior)")
     ap.add_argument("--calib-iterations", type=int, default=None, help="calibrate's n_iter (default: its own, 2 for the median method)")
     ap.add_argument("--rest-frame", action="store_true", help="calibrate a rest-frame correction with the zero points")
     ap.add_argument("--no-emulator-floor", action="store_true", help="let the calibrated floors go below the emulator's")
@@ -332,7 +357,8 @@ def main(argv=None) -> int:
         note = ""
         if args.popflow:
             pf, diag = run_popflow(name, train, test, args.work, args.n_calib, args.seed, settings, args.variants, args.n_pop,
-                                   args.calib_iterations, args.rest_frame, filter_path, not args.no_emulator_floor)
+                                   args.calib_iterations, args.rest_frame, filter_path, not args.no_emulator_floor,
+                                   args.pop_em_steps)
             rows |= pf
             note = (f"popflow: emulator `{DATASETS[name]['emulator']}`, AnalyticPrior, FitSettings({', '.join(f'{k}={v}' for k, v in settings.items())}), "
                     f"calibrated on {diag['n_calib']} training galaxies; point estimate = median of the redshift draws.\n\n")
