@@ -148,19 +148,18 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
     redshift gets a Gaussian kernel of ``Z_BANDWIDTH (1 + z)`` (:func:`popflow.priors.samples.smooth_redshift`).
     A diffusion prior is trained on them and distilled into a flow, the diffusion prior's fast
     path. ``em_steps`` > 1 takes further EM steps without refitting: each galaxy's draws are importance-resampled
-    to its posterior under the last flow (:func:`popflow.priors.samples.reweight_pooled`), pooled, and a new
+    to its posterior under the last flow (:func:`popflow.reweight.resample_draws`), pooled, and a new
     diffusion prior and flow are trained on them; the pooled posteriors of the first step are the population
     convolved with their own width, so each step sharpens them toward the population. Every stage is cached in
     ``wd`` (the fit resumes), so a rerun costs nothing.
     """
     import jax
-    import jax.numpy as jnp
-    import xarray as xr
 
     from popflow.fit import FitSettings
-    from popflow.pipeline import fit_catalog
+    from popflow.pipeline import fit_catalog, open_posterior
     from popflow.priors import distill, load_prior, train_diffusion_prior
-    from popflow.priors.samples import read_samples, reweight_pooled, smooth_redshift
+    from popflow.priors.samples import read_samples, smooth_redshift
+    from popflow.reweight import PriorEvaluator, log_importance_weights, resample_draws
 
     kind = "specz_population" if known_redshift else "population"
     base_tag = wd / f"{kind}_{n_pop}_{seed}_{hashlib.sha256(json.dumps(datamodel.to_dict()).encode()).hexdigest()[:8]}"
@@ -181,16 +180,12 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
                         settings=FitSettings(**settings), seed=seed, workers=1, known_redshift="z_spec" if known_redshift else None,
                         progress=False, log=log)
             theta = read_samples(fits, base_prior.space)
-        else:
-            post = xr.open_zarr(fits, group="posterior", consolidated=False)
-            draws = np.stack([post[n].values for n in base_prior.space.names], axis=-1)  # (G, chain, draw, dim)
-            draws = draws.reshape(draws.shape[0], -1, draws.shape[-1])
-            usable = np.all(np.isfinite(draws), axis=(1, 2))
-            draws = draws[usable]
-            flat = jnp.asarray(draws.reshape(-1, draws.shape[-1]))
-            logp = lambda p: np.concatenate([np.asarray(jax.jit(p.log_prob)(flat[i:i + 65536]))  # noqa: E731
-                                             for i in range(0, flat.shape[0], 65536)]).reshape(draws.shape[:2])
-            theta = reweight_pooled(draws, logp(flow), logp(base_prior), seed=seed + 10 + step)
+        else:  # the draws were made under base_prior, whose density at them the store keeps
+            tree = open_posterior(fits)
+            draws = np.stack([tree["posterior"][n].values for n in base_prior.space.names], axis=-1)  # (G, chain, draw, dim)
+            log_w = log_importance_weights(PriorEvaluator(flow)(draws), tree["sample_stats"]["log_prior"].values)
+            theta = resample_draws(draws.reshape(draws.shape[0], -1, draws.shape[-1]), log_w.reshape(draws.shape[0], -1),
+                                   seed=seed + 10 + step)
         if known_redshift:
             theta = smooth_redshift(theta, base_prior.space, Z_BANDWIDTH, seed=seed + 3 + 100 * (step - 1))
         log(f"population prior, EM step {step}: {len(theta)} pooled draws of {rows.size} training galaxies; training the diffusion prior")
@@ -242,7 +237,7 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
         t_cal = time.perf_counter() - t0
         save_datamodel(dm_path, dm, {"filters": list(train.attrs["filters"]), "calibration": report, "seconds": t_cal})
     calibrated_prior = AnalyticPrior(space=emu.space, nz=nz_from_redshifts(ztr))
-    em = f", {em_steps} EM steps" if em_steps > 1 else ""
+    em, em_tag = (f", {em_steps} EM steps", f"_em{em_steps}") if em_steps > 1 else ("", "")
     runs = {
         "shipped": lambda: ("as shipped: unit zero points, emulator floor, uniform z", DataModel.from_emulator(emu),
                             AnalyticPrior(space=emu.space), 0.0),
@@ -260,7 +255,7 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
     for v in variants:
         i = VARIANTS.index(v)
         label, datamodel, prior, t_train = runs[v]()
-        post = wd / f"posterior_{i}{iters}{'' if 'population' not in v or em_steps == 1 else f'_em{em_steps}'}.zarr"
+        post = wd / f"posterior_{i}{iters}{em_tag if 'population' in v else ''}.zarr"
         r = fit_catalog(test_store, post, emulator=DATASETS[name]["emulator"], prior=prior, datamodel=datamodel, settings=FitSettings(**settings),
                         seed=seed, workers=1, overwrite=True, progress=False, log=log)
         m = metrics.evaluate_posterior(post, catalog=test_store, out_dir=wd / f"plots_{i}")

@@ -41,6 +41,7 @@ from popflow import summary
 __all__ = [
     "log_importance_weights",
     "normalize_log_weights",
+    "resample_draws",
     "kish_ess",
     "pareto_khat",
     "pareto_tail_length",
@@ -72,6 +73,28 @@ def log_importance_weights(log_prior_new, log_prior_old) -> np.ndarray:
     with np.errstate(invalid="ignore"):
         return np.where(old == -np.inf, np.nan, new - old)
 
+
+
+def resample_draws(draws, log_w, *, seed: int = 0) -> np.ndarray:
+    """Each galaxy's draws resampled by their importance weights, pooled: one EM step of a population density.
+
+    ``draws`` (G, S, dim) physical, made under ``p_old``; ``log_w`` (G, S) their log weights toward
+    ``p_new`` (:func:`log_importance_weights`, unnormalised). Each galaxy's S draws are resampled with
+    replacement by its self-normalised weights, so they become draws of its posterior under ``p_new``.
+    Pooled, they are the EM update ``mean_g p(theta | d_g, p_new)`` of a free-form population density:
+    pooling posteriors under a broad prior gives the population convolved with the posteriors' width,
+    and each step deconvolves more of it. Galaxies with no usable weight (all zero, or any NaN) are
+    dropped. Returns (n, dim), n <= G S.
+    """
+    draws = np.asarray(draws, np.float32)
+    if draws.ndim != 3 or np.shape(log_w) != draws.shape[:2]:
+        raise ValueError(f"resample_draws: draws {draws.shape} must be (G, S, dim) and log_w {np.shape(log_w)} (G, S)")
+    lw = normalize_log_weights(log_w, axis=-1)
+    ok = np.any(np.isfinite(lw), axis=-1) & ~np.any(np.isnan(lw), axis=-1)
+    cdf = np.cumsum(np.exp(lw[ok], dtype=np.float64), axis=-1)
+    u = np.random.default_rng(seed).random(cdf.shape) * cdf[:, -1:]
+    idx = np.minimum([np.searchsorted(c, uu, side="right") for c, uu in zip(cdf, u)], draws.shape[1] - 1)  # (G_ok, S)
+    return np.take_along_axis(draws[ok], idx[..., None], axis=1).reshape(-1, draws.shape[2])
 
 def _logsumexp(a, axis, keepdims=False):
     """``log sum exp`` over ``axis``: ``-inf`` when every term is ``-inf``, NaN when any is NaN."""

@@ -318,8 +318,8 @@ def test_smooth_redshift_is_a_kernel_of_the_stated_width():
         smooth_redshift(theta, DEFAULT_SPACE, -1.0)
 
 
-def test_reweight_pooled_is_the_em_update_of_a_gaussian_population():
-    from popflow.priors.samples import reweight_pooled
+def test_resample_draws_is_the_em_update_of_a_gaussian_population():
+    from popflow.reweight import log_importance_weights, resample_draws
 
     # population N(0, 1), one measurement per galaxy with unit noise: under a prior N(0, t2) a galaxy's posterior is
     # N(k d, k) with k = t2 / (t2 + 1), and the pooled draws have variance 2 k^2 + k (d has variance 2)
@@ -333,16 +333,16 @@ def test_reweight_pooled_is_the_em_update_of_a_gaussian_population():
     v1 = pooled_var(k_old)  # 2.95: the first EM step, the population convolved with the posteriors' width
     assert abs(np.var(draws) / v1 - 1) < 0.1
     k_new = v1 / (v1 + 1)
-    out = reweight_pooled(draws, -0.5 * draws[..., 0] ** 2 / v1, log_old, seed=4)
+    out = resample_draws(draws, log_importance_weights(-0.5 * draws[..., 0] ** 2 / v1, log_old), seed=4)
     assert out.shape == (n_gal * n_draw, 1)
     # the second step under N(0, v1): 1.86, closer to the population's 1; the sample variance of 2000 galaxies is
     # known to ~3 % (sqrt(2 / n_gal)) plus a little resampling noise, so 10 % is a > 3 sigma tolerance
     assert abs(np.var(out) / pooled_var(k_new) - 1) < 0.1
     # the same prior as before changes nothing but the resampling noise
-    same = reweight_pooled(draws, log_old, log_old, seed=5)
+    same = resample_draws(draws, log_importance_weights(log_old, log_old), seed=5)
     assert abs(np.var(same) / np.var(draws) - 1) < 0.05
     # a galaxy without any finite weight is dropped, not resampled uniformly
     log_new = np.where(np.arange(n_gal)[:, None] == 7, -np.inf, log_old)
-    assert reweight_pooled(draws, log_new, log_old).shape == ((n_gal - 1) * n_draw, 1)
+    assert resample_draws(draws, log_importance_weights(log_new, log_old)).shape == ((n_gal - 1) * n_draw, 1)
     with pytest.raises(ValueError, match="G, S"):
-        reweight_pooled(draws[0], log_old[0], log_old[0])
+        resample_draws(draws[0], log_old[0])

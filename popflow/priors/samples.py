@@ -8,7 +8,7 @@ import numpy as np
 
 from popflow.params import ParameterSpace
 
-__all__ = ["read_samples", "smooth_redshift", "reweight_pooled"]
+__all__ = ["read_samples", "smooth_redshift"]
 
 
 def read_samples(path, space: ParameterSpace, *, max_samples: int | None = None, seed: int = 0) -> np.ndarray:
@@ -67,29 +67,3 @@ def smooth_redshift(theta, space: ParameterSpace, bandwidth: float, *, seed: int
     x[:, i] = np.clip(z, space.lower[i], space.upper[i])
     return x
 
-
-def reweight_pooled(draws, log_new, log_old, *, seed: int = 0) -> np.ndarray:
-    """One EM step of a free-form population density from stored posterior draws.
-
-    ``draws`` (G, S, dim) physical: S posterior draws of each of G galaxies under the prior
-    ``p_old`` (``log_old`` (G, S), its log density at them); ``log_new`` (G, S): the log density
-    of the current population estimate ``p_new``. Each galaxy's draws are resampled (with
-    replacement, S per galaxy) with weights ``p_new / p_old`` normalised per galaxy: draws of
-    its posterior under ``p_new`` (importance reweighting, Hogg et al. 2010). Pooled, they are
-    the EM update ``mean_g p(theta | d_g, p_new)``: pooling posteriors under a broad prior gives
-    the population convolved with the posteriors' width; each step deconvolves more of it.
-    Galaxies whose weights are all non-finite are dropped. Returns (n, dim), n <= G S.
-    """
-    draws = np.asarray(draws, np.float32)
-    if draws.ndim != 3 or np.shape(log_new) != draws.shape[:2] or np.shape(log_old) != draws.shape[:2]:
-        raise ValueError(f"reweight_pooled: draws {draws.shape} must be (G, S, dim) and both log densities (G, S)")
-    log_w = np.asarray(log_new, np.float64) - np.asarray(log_old, np.float64)
-    log_w = np.where(np.isfinite(log_w), log_w, -np.inf)
-    top = np.max(log_w, axis=1, keepdims=True)
-    ok = np.isfinite(top[:, 0])
-    w = np.exp(log_w[ok] - top[ok])
-    cdf = np.cumsum(w, axis=1)
-    cdf /= cdf[:, -1:]
-    u = np.random.default_rng(seed).random(cdf.shape)
-    idx = np.minimum([np.searchsorted(c, uu, side="right") for c, uu in zip(cdf, u)], draws.shape[1] - 1)  # (G_ok, S)
-    return np.take_along_axis(draws[ok], idx[..., None], axis=1).reshape(-1, draws.shape[2])
