@@ -1,6 +1,7 @@
 """Cost and accuracy of the priors' log-densities on one batch (issue 3).
 
     python benchmarks/prior_cost.py [--n 2048] [--prior analytic-diffusion] [--flow analytic-flow]
+    python benchmarks/prior_cost.py --batches 512 2048 8192 32768   # flow/analytic only, by batch size
 
 Prints log_prob evaluations per second for the analytic prior, the diffusion prior
 (exact probability-flow ODE: fixed-step Heun/RK4 on the uniform (rho = 1) and default rho = 2 grids,
@@ -58,8 +59,18 @@ def main():
     ap.add_argument("--n-adaptive", type=int, default=256, help="batch for the adaptive solvers (default 256)")
     ap.add_argument("--prior", default="analytic-diffusion")
     ap.add_argument("--flow", default="analytic-flow")
+    ap.add_argument("--batches", type=int, nargs="+", default=None,
+                    help="only the analytic prior and the flow, at each of these batch sizes")
     args = ap.parse_args()
     analytic = AnalyticPrior()
+    if args.batches:
+        flow = load_prior(args.flow)
+        print(f"{'batch':>6s} {'analytic evals/cpu-s':>21s} {'flow evals/cpu-s':>17s} {'flow x analytic':>16s}")
+        for n in args.batches:
+            x = analytic.sample(jax.random.key(0), n)
+            ra, rf = rate(jax.jit(analytic.log_prob), x, 1.0), rate(jax.jit(flow.log_prob), x, 1.0)
+            print(f"{n:6d} {ra:21.3g} {rf:17.3g} {ra / rf:16.2f}")
+        return
     diffusion = load_prior(args.prior)
     flow = load_prior(args.flow)
     theta = analytic.sample(jax.random.key(0), args.n)
