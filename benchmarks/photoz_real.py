@@ -203,8 +203,14 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
 
 
 def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIANTS, n_pop=1000, calib_iterations=None,
-                rest_frame=False, filter_path=None, emulator_floor=True, em_steps=1, log=print):
-    """Fit the test subset in each variant (module docstring); returns (rows, diagnostics)."""
+                rest_frame=False, filter_path=None, emulator_floor=True, em_steps=1, floor_scale=1.0, student_t=None, log=print):
+    """Fit the test subset in each variant (module docstring); returns (rows, diagnostics).
+
+    ``floor_scale`` and ``student_t`` are probes of the calibrated data model: its floors times ``floor_scale``,
+    and a Student-t likelihood with ``student_t`` degrees of freedom instead of the Gaussian.
+    """
+    import dataclasses
+
     import jax
 
     from popflow.calibrate import calibrate, nz_from_redshifts, save_datamodel
@@ -236,6 +242,11 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
                                band_wavelength=lam, emulator_floor=emulator_floor, log=log)
         t_cal = time.perf_counter() - t0
         save_datamodel(dm_path, dm, {"filters": list(train.attrs["filters"]), "calibration": report, "seconds": t_cal})
+    probe = ""
+    if floor_scale != 1.0 or student_t is not None:
+        dm = dataclasses.replace(dm, error_floor=tuple(floor_scale * np.asarray(dm.error_floor)),
+                                 student_t_nu=dm.student_t_nu if student_t is None else student_t)
+        probe = (f"_floorx{floor_scale:g}" if floor_scale != 1.0 else "") + (f"_t{student_t:g}" if student_t is not None else "")
     calibrated_prior = AnalyticPrior(space=emu.space, nz=nz_from_redshifts(ztr))
     em, em_tag = (f", {em_steps} EM steps", f"_em{em_steps}") if em_steps > 1 else ("", "")
     runs = {
@@ -243,6 +254,8 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
                             AnalyticPrior(space=emu.space), 0.0),
         "calibrated": lambda: ("calibrated zero points + floors" + ("" if emulator_floor else " (no emulator minimum)")
                                + (" + rest-frame correction" if rest_frame else "")
+                               + (f", floors x {floor_scale:g}" if floor_scale != 1.0 else "")
+                               + (f", Student-t nu {student_t:g}" if student_t is not None else "")
                                + ", training n(z)", dm, calibrated_prior, t_cal),
         "population": lambda: (f"calibrated + population prior from {n_pop} training fits{em}", dm,
                                *population_prior(name, train, wd, dm, calibrated_prior, settings, seed, n_pop,
@@ -255,7 +268,7 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
     for v in variants:
         i = VARIANTS.index(v)
         label, datamodel, prior, t_train = runs[v]()
-        post = wd / f"posterior_{i}{iters}{em_tag if 'population' in v else ''}.zarr"
+        post = wd / f"posterior_{i}{iters}{probe}{em_tag if 'population' in v else ''}.zarr"
         r = fit_catalog(test_store, post, emulator=DATASETS[name]["emulator"], prior=prior, datamodel=datamodel, settings=FitSettings(**settings),
                         seed=seed, workers=1, overwrite=True, progress=False, log=log)
         m = metrics.evaluate_posterior(post, catalog=test_store, out_dir=wd / f"plots_{i}")
@@ -328,6 +341,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-iterations", type=int, default=None, help="calibrate's n_iter (default: its own, 2 for the median method)")
     ap.add_argument("--rest-frame", action="store_true", help="calibrate a rest-frame correction with the zero points")
     ap.add_argument("--no-emulator-floor", action="store_true", help="let the calibrated floors go below the emulator's")
+    ap.add_argument("--floor-scale", type=float, default=1.0, help="probe: multiply the calibrated floors by this")
+    ap.add_argument("--student-t", type=float, default=None, help="probe: Student-t likelihood with these degrees of freedom")
     ap.add_argument("--walkers", type=int, default=32)
     ap.add_argument("--burn", type=int, default=400)
     ap.add_argument("--draws", type=int, default=32)
@@ -353,7 +368,7 @@ def main(argv=None) -> int:
         if args.popflow:
             pf, diag = run_popflow(name, train, test, args.work, args.n_calib, args.seed, settings, args.variants, args.n_pop,
                                    args.calib_iterations, args.rest_frame, filter_path, not args.no_emulator_floor,
-                                   args.pop_em_steps)
+                                   args.pop_em_steps, args.floor_scale, args.student_t)
             rows |= pf
             note = (f"popflow: emulator `{DATASETS[name]['emulator']}`, AnalyticPrior, FitSettings({', '.join(f'{k}={v}' for k, v in settings.items())}), "
                     f"calibrated on {diag['n_calib']} training galaxies; point estimate = median of the redshift draws.\n\n")
