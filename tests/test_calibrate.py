@@ -176,16 +176,16 @@ def test_zcosmos_calibration_gives_sensible_zero_points(shared_data, tmp_path):
                                emulator=emu, prior=AnalyticPrior(space=emu.space), n_iter=1,
                                fit_kwargs=dict(n_cand=128, n_steps=300))
     zp = dict(zip(ds.attrs["bands"], report["zero_point_mag"]))
-    # Subaru B and UKIRT J come out at -0.19 and +0.11 mag, WIRCam Ks at -0.13 (150 galaxies, the spectral
-    # emulators of 2026-12-03, 0.003 mag from bagpipes in these bands). B is -0.19/-0.19/-0.13 in the redshift
-    # bins 0-0.4, 0.4-0.7, 0.7-1.5: an offset between the catalogue band and its curve, not SED physics
-    # (BENCHMARKS.md, issue 5). The earlier trunk emulators (0.03 mag off bagpipes) gave J +0.18 and Ks -0.03:
-    # part of J's offset was emulator error and part of Ks's was hidden by it; what remains in the near-IR is
-    # bagpipes/BC03 against real galaxies. The other seven are the "few hundredths" the data README describes;
-    # with 150 galaxies each is known to ~0.01 mag.
-    others = {b: v for b, v in zp.items() if b not in ("B", "J", "Ks")}
+    # One iteration on these 150 galaxies (the spectral emulators of 2026-12-03, 0.003 mag from bagpipes in these
+    # bands) gives B -0.17, g +0.12, J +0.12, Ks -0.15 mag; six iterations on 300 galaxies converge to B -0.19,
+    # g +0.10, J +0.20, Ks -0.19 (BENCHMARKS.md, "Photo-z on real catalogues"). B is -0.19/-0.19/-0.13 in the
+    # redshift bins 0-0.4, 0.4-0.7, 0.7-1.5: an offset between the catalogue band and its curve, not SED physics
+    # (issue 5); g, J and Ks mix such offsets with bagpipes/BC03 against real galaxies. The other six are the "few
+    # hundredths" the data README describes; with 150 galaxies each is known to ~0.01 mag, so 0.1 is a loose bound
+    # that still catches a sign or unit error in the zero-point convention (those give tenths to magnitudes).
+    others = {b: v for b, v in zp.items() if b not in ("B", "g", "J", "Ks")}
     assert all(abs(v) < 0.1 for v in others.values()), others
-    assert -0.3 < zp["B"] < -0.1 and 0.05 < zp["J"] < 0.35 and -0.25 < zp["Ks"] < 0.0, zp
+    assert -0.3 < zp["B"] < -0.1 and 0.03 < zp["g"] < 0.2 and 0.05 < zp["J"] < 0.35 and -0.25 < zp["Ks"] < -0.05, zp
     assert np.all(np.asarray(dm.error_floor) >= 0.4 * np.log(10) * np.asarray(emu.error_floor) - 1e-9)
 
 
