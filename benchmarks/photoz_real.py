@@ -203,9 +203,12 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
 
 
 def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIANTS, n_pop=1000, calib_iterations=None,
-                rest_frame=False, filter_path=None, emulator_floor=True, em_steps=1, floor_scale=1.0, student_t=None, log=print):
+                rest_frame=False, filter_path=None, emulator_floor=True, em_steps=1, floor_scale=1.0, student_t=None, tune_floors=0,
+                log=print):
     """Fit the test subset in each variant (module docstring); returns (rows, diagnostics).
 
+    ``tune_floors``: that many training galaxies outside the calibration subset set the scale of the floors
+    (:func:`popflow.calibrate.tune_floor_scale`, under the calibrated variant's prior and these settings).
     ``floor_scale`` and ``student_t`` are probes of the calibrated data model: its floors times ``floor_scale``,
     and a Student-t likelihood with ``student_t`` degrees of freedom instead of the Gaussian.
     """
@@ -213,7 +216,7 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
 
     import jax
 
-    from popflow.calibrate import calibrate, nz_from_redshifts, save_datamodel
+    from popflow.calibrate import calibrate, nz_from_redshifts, save_datamodel, tune_floor_scale
     from popflow.datamodel import DataModel
     from popflow.filters import load_filter
     from popflow.fit import FitSettings
@@ -242,18 +245,38 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
                                band_wavelength=lam, emulator_floor=emulator_floor, log=log)
         t_cal = time.perf_counter() - t0
         save_datamodel(dm_path, dm, {"filters": list(train.attrs["filters"]), "calibration": report, "seconds": t_cal})
-    probe = ""
+    calibrated_prior = AnalyticPrior(space=emu.space, nz=nz_from_redshifts(ztr))
+    tuned = ""
+    if tune_floors:  # floor scale from free-redshift fits of other training galaxies (popflow.calibrate.tune_floor_scale)
+        tune_path = dm_path.with_name(dm_path.stem + f"_tuned{tune_floors}.json")
+        if tune_path.exists():
+            saved = json.loads(tune_path.read_text())
+            dm, tune_report = DataModel.from_dict(saved), saved["tuning"]
+        else:
+            rest = np.setdiff1d(np.arange(train.sizes["galaxy"]), rows)
+            rest = rest[mtr[rest].sum(axis=1) >= MIN_BANDS]
+            trows = np.sort(np.random.default_rng(seed + 5).choice(rest, min(tune_floors, rest.size), replace=False))
+            t0 = time.perf_counter()
+            dm, tune_report = tune_floor_scale(jax.random.PRNGKey(seed + 5), ftr[trows], etr[trows], mtr[trows], ztr[trows],
+                                               emulator=emu, prior=calibrated_prior, datamodel=dm, settings=FitSettings(**settings),
+                                               emulator_floor=emulator_floor, log=log)
+            tune_report["seconds"] = time.perf_counter() - t0
+            save_datamodel(tune_path, dm, {"filters": list(train.attrs["filters"]), "calibration": report, "tuning": tune_report})
+        t_cal += tune_report["seconds"]
+        tuned = f"_tuned{tune_floors}"
+        log(f"floor scale {tune_report['floor_scale']:.3f} from {tune_report['n_galaxies']} training galaxies")
+    probe = tuned
     if floor_scale != 1.0 or student_t is not None:
         dm = dataclasses.replace(dm, error_floor=tuple(floor_scale * np.asarray(dm.error_floor)),
                                  student_t_nu=dm.student_t_nu if student_t is None else student_t)
-        probe = (f"_floorx{floor_scale:g}" if floor_scale != 1.0 else "") + (f"_t{student_t:g}" if student_t is not None else "")
-    calibrated_prior = AnalyticPrior(space=emu.space, nz=nz_from_redshifts(ztr))
+        probe += (f"_floorx{floor_scale:g}" if floor_scale != 1.0 else "") + (f"_t{student_t:g}" if student_t is not None else "")
     em, em_tag = (f", {em_steps} EM steps", f"_em{em_steps}") if em_steps > 1 else ("", "")
     runs = {
         "shipped": lambda: ("as shipped: unit zero points, emulator floor, uniform z", DataModel.from_emulator(emu),
                             AnalyticPrior(space=emu.space), 0.0),
         "calibrated": lambda: ("calibrated zero points + floors" + ("" if emulator_floor else " (no emulator minimum)")
                                + (" + rest-frame correction" if rest_frame else "")
+                               + (f", floors x {tune_report['floor_scale']:.2f} tuned on {tune_report['n_galaxies']} training fits" if tune_floors else "")
                                + (f", floors x {floor_scale:g}" if floor_scale != 1.0 else "")
                                + (f", Student-t nu {student_t:g}" if student_t is not None else "")
                                + ", training n(z)", dm, calibrated_prior, t_cal),
@@ -341,6 +364,8 @@ def main(argv=None) -> int:
     ap.add_argument("--calib-iterations", type=int, default=None, help="calibrate's n_iter (default: its own, 2 for the median method)")
     ap.add_argument("--rest-frame", action="store_true", help="calibrate a rest-frame correction with the zero points")
     ap.add_argument("--no-emulator-floor", action="store_true", help="let the calibrated floors go below the emulator's")
+    ap.add_argument("--tune-floors", type=int, default=0,
+                    help="scale the calibrated floors on free-redshift fits of this many other training galaxies")
     ap.add_argument("--floor-scale", type=float, default=1.0, help="probe: multiply the calibrated floors by this")
     ap.add_argument("--student-t", type=float, default=None, help="probe: Student-t likelihood with these degrees of freedom")
     ap.add_argument("--walkers", type=int, default=32)
@@ -368,7 +393,7 @@ def main(argv=None) -> int:
         if args.popflow:
             pf, diag = run_popflow(name, train, test, args.work, args.n_calib, args.seed, settings, args.variants, args.n_pop,
                                    args.calib_iterations, args.rest_frame, filter_path, not args.no_emulator_floor,
-                                   args.pop_em_steps, args.floor_scale, args.student_t)
+                                   args.pop_em_steps, args.floor_scale, args.student_t, args.tune_floors)
             rows |= pf
             note = (f"popflow: emulator `{DATASETS[name]['emulator']}`, AnalyticPrior, FitSettings({', '.join(f'{k}={v}' for k, v in settings.items())}), "
                     f"calibrated on {diag['n_calib']} training galaxies; point estimate = median of the redshift draws.\n\n")

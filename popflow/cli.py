@@ -228,7 +228,8 @@ def _cmd_calibrate(args) -> int:
         dm, meta = calibrate_catalog(args.catalog, emulator=args.emulator, prior=args.prior, z_var=args.truth,
                                      z_min=args.z_min, max_galaxies=args.max_galaxies, seed=args.seed, method=args.method,
                                      n_iter=args.iterations, emulator_floor=not args.no_emulator_floor,
-                                     rest_frame=args.rest_frame, filter_path=args.filter_path or None)
+                                     rest_frame=args.rest_frame, filter_path=args.filter_path or None,
+                                     tune_floors=args.tune_floors)
     except (ValueError, KeyError, FileNotFoundError) as err:
         print(f"popflow calibrate: error: {err}", file=sys.stderr)
         return 2
@@ -240,6 +241,10 @@ def _cmd_calibrate(args) -> int:
     print("band  zero point [mag]  error floor")
     for b, z, f in zip(meta["bands"], zp_mag, dm.error_floor):
         print(f"{b:>4s}  {z:+16.4f}  {f:11.4f}")
+    tuning = meta["calibration"].get("floor_tuning")
+    if tuning is not None:
+        print(f"floors scaled by {tuning['floor_scale']:.3f} on {tuning['n_galaxies']} galaxies"
+              + ("" if tuning["bracketed"] else " (the 68% coverage was not reached: the last scale tried)"))
     print(f"wrote {out} (use it with: popflow fit ... --datamodel {out})")
     return 0
 
@@ -379,6 +384,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also calibrate a rest-frame correction of the model SEDs (residuals at z_spec by rest wavelength)")
     p.add_argument("--filter-path", action="append", default=[],
                    help="folder searched for filter curve files, for --rest-frame (repeatable; also $POPFLOW_FILTER_PATH)")
+    p.add_argument("--tune-floors", type=int, default=0, metavar="N",
+                   help="set N other spectroscopic galaxies aside and scale the floors so that their free-redshift fits' "
+                        "68%% intervals hold 68%% of their redshifts (fits under --prior: give the one you will fit with)")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("info", help="describe a catalogue or posterior store")

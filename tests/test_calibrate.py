@@ -155,6 +155,11 @@ def test_fit_cli_datamodel_is_checked_against_the_catalogue(tmp_path, capsys):
     rc = main(["fit", str(cat), "--out", str(tmp_path / "post.zarr"), "--datamodel", str(tmp_path / "none.json")])
     assert rc == 2 and "none.json" in capsys.readouterr().err
     assert not (tmp_path / "post.zarr").exists()
+    # 20 spectroscopic galaxies cannot spare 15 for the floor tuning and still calibrate on the rest
+    rc = main(["calibrate", str(cat), "--emulator", "sdss", "--out", str(tmp_path / "dm2"), "--tune-floors", "15"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cat.zarr" in err and "tune_floors" in err
+    assert not (tmp_path / "dm2").exists()
 
 
 def test_zcosmos_calibration_gives_sensible_zero_points(shared_data, tmp_path):
@@ -220,3 +225,30 @@ def test_rest_frame_correction_is_recovered_with_the_zero_points():
     np.testing.assert_allclose(add, np.interp(np.log10(lam / 1.5), np.log10(nodes), got), atol=1e-5)
     with pytest.raises(ValueError, match="band_wavelength"):
         cal.calibrate(jax.random.PRNGKey(2), flux, err, mask, z, emulator=emu, prior=prior, rest_frame=True)
+
+
+def test_floor_scale_is_tuned_to_calibrated_redshift_intervals():
+    """Floors 2.5x the true model error make the redshift intervals too wide; the tuning finds the scale that fixes it.
+
+    Truths are drawn from the prior the fit uses, so with the right data model the posteriors are calibrated. Data
+    errors 0.054 mag (S/N 20), a true model error of 0.06 mag per band, floors given as 0.15 mag: the redshift
+    width goes as sqrt(0.054^2 + floor^2), so the intervals are too wide at scale 1 and right near scale 0.4
+    (floor 0.06)."""
+    from popflow.fit import FitSettings
+
+    emu, prior = ToyEmulator(), UniformPrior()
+    n = 96
+    theta = np.asarray(prior.sample(jax.random.PRNGKey(3), n))
+    flux, err, mask = simulate_photometry(emu, theta, 20.0, seed=4)
+    flux = flux * np.exp(0.06 * np.log(10) / 2.5 * np.random.default_rng(5).normal(size=flux.shape)).astype(np.float32)
+    wide = DataModel.from_magnitude_floor([0.15] * len(emu.bands))
+    settings = FitSettings(n_walkers=28, n_burn=160, n_draws=16, thin=4, n_init=256, init="top")
+    dm, report = cal.tune_floor_scale(jax.random.PRNGKey(6), flux, err, mask, theta[:, -1], emulator=emu, prior=prior,
+                                      datamodel=wide, settings=settings, chunk=n)
+    tried = {round(t["scale"], 3): t for t in report["tried"]}
+    # the coverage of 96 galaxies is known to +-0.048 (1 sd): 0.76 is 0.68 + 1.7 sd, so the over-coverage is real
+    assert tried[1.0]["coverage_68"] > 0.76, tried
+    # +-0.048 in coverage is +-10 % in posterior width, so the floor (0.06 mag against 0.054 of noise) is known to
+    # ~+-18 %: scale 0.4 +- 0.07; 0.25-0.6 allows about 2 sd either way.
+    assert report["bracketed"] and 0.25 < report["floor_scale"] < 0.6, report
+    np.testing.assert_allclose(dm.error_floor, report["floor_scale"] * np.asarray(wide.error_floor), rtol=1e-6)
