@@ -208,7 +208,10 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
     """Fit the test subset in each variant (module docstring); returns (rows, diagnostics).
 
     ``tune_floors``: that many training galaxies outside the calibration subset set the scale of the floors
-    (:func:`popflow.calibrate.tune_floor_scale`, under the calibrated variant's prior and these settings).
+    (:func:`popflow.calibrate.tune_floor_scale`, under the calibrated variant's prior and these settings). The
+    scale calibrates the width of the redshift posteriors; the population priors' training fits keep the floors
+    measured at z_spec (for "specz_population" the redshifts are known, so the scale matters little there), so a
+    tuned run reuses their cached priors.
     ``floor_scale`` and ``student_t`` are probes of the calibrated data model: its floors times ``floor_scale``,
     and a Student-t likelihood with ``student_t`` degrees of freedom instead of the Gaussian.
     """
@@ -246,6 +249,7 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
         t_cal = time.perf_counter() - t0
         save_datamodel(dm_path, dm, {"filters": list(train.attrs["filters"]), "calibration": report, "seconds": t_cal})
     calibrated_prior = AnalyticPrior(space=emu.space, nz=nz_from_redshifts(ztr))
+    dm_at_zspec = dm  # the population priors' training fits keep the floors measured at z_spec (see the docstring)
     tuned = ""
     if tune_floors:  # floor scale from free-redshift fits of other training galaxies (popflow.calibrate.tune_floor_scale)
         tune_path = dm_path.with_name(dm_path.stem + f"_tuned{tune_floors}.json")
@@ -281,10 +285,10 @@ def run_popflow(name, train, test, work, n_calib, seed, settings, variants=VARIA
                                + (f", Student-t nu {student_t:g}" if student_t is not None else "")
                                + ", training n(z)", dm, calibrated_prior, t_cal),
         "population": lambda: (f"calibrated + population prior from {n_pop} training fits{em}", dm,
-                               *population_prior(name, train, wd, dm, calibrated_prior, settings, seed, n_pop,
+                               *population_prior(name, train, wd, dm_at_zspec, calibrated_prior, settings, seed, n_pop,
                                                  em_steps=em_steps, log=log)),
         "specz_population": lambda: (f"calibrated + population prior from {n_pop} training fits at z_spec{em}", dm,
-                                     *population_prior(name, train, wd, dm, calibrated_prior, settings, seed, n_pop,
+                                     *population_prior(name, train, wd, dm_at_zspec, calibrated_prior, settings, seed, n_pop,
                                                        known_redshift=True, em_steps=em_steps, log=log)),
     }
     out = {}
