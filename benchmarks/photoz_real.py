@@ -175,9 +175,9 @@ def population_prior(name, train, wd: Path, datamodel, base_prior, settings: dic
         t0 = time.perf_counter()
         if step == 1:
             if not catalog.exists():
-                train.isel(galaxy=rows).chunk({"galaxy": 1000}).to_zarr(catalog, consolidated=False)
+                train.isel(galaxy=rows).drop_encoding().chunk({"galaxy": 1000}).to_zarr(catalog, consolidated=False)
             fit_catalog(catalog, fits, emulator=DATASETS[name]["emulator"], prior=base_prior, datamodel=datamodel,
-                        settings=FitSettings(**settings), seed=seed, workers=1, known_redshift="z_spec" if known_redshift else None,
+                        settings=FitSettings(**settings), seed=seed, workers=1, chunk_size=500, known_redshift="z_spec" if known_redshift else None,
                         progress=False, log=log)
             theta = read_samples(fits, base_prior.space)
         else:  # the draws were made under base_prior, whose density at them the store keeps
