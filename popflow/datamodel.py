@@ -35,6 +35,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -80,8 +81,12 @@ class DataModel:
         The rest-frame correction's nodes (Angstrom, increasing) and its value
         there (mag added to the model magnitudes); both None for none.
 
-    The object is frozen and hashable (arrays are stored as tuples), so it can
-    key a cache of compiled fit kernels.
+    The object is frozen and hashable (arrays are stored as tuples). It is
+    also a JAX pytree whose leaves are the calibrated numbers (zero points,
+    floors, rest-frame offsets) and whose static part is the rest
+    (:attr:`structure`), so a jitted function taking it as an argument compiles
+    once per structure, not once per set of numbers. Inside such a function
+    the fields hold traced arrays (the pure-core methods accept them).
     """
 
     zero_points: tuple
@@ -172,6 +177,13 @@ class DataModel:
         return cls(d["zero_points"], d["error_floor"], d.get("student_t_nu"), d.get("band_wavelength"),
                    d.get("rest_wavelength"), d.get("rest_offset"))
 
+    @property
+    def structure(self) -> tuple:
+        """What code compiled for this data model depends on besides its numbers: the pytree's
+        static part and the leaves' shapes (hashable)."""
+        leaves, treedef = jax.tree_util.tree_flatten(self)
+        return treedef, tuple(np.shape(x) for x in leaves)
+
     # --- validation (imperative shell side) --------------------------------
     def validate(self, flux, flux_err, mask, field=None, where: str = "catalogue") -> None:
         """Raise a ValueError naming the galaxy (row) and band of the first bad entry.
@@ -257,3 +269,23 @@ class DataModel:
             const = math.lgamma(0.5 * (nu + 1.0)) - math.lgamma(0.5 * nu) - 0.5 * math.log(nu * math.pi)
             lp = const - log_sigma - 0.5 * (nu + 1.0) * jnp.log1p(r2 / nu)
         return jnp.sum(jnp.where(mask, lp, 0.0), axis=-1)
+
+
+_LEAVES = ("zero_points", "error_floor", "rest_offset")  # the numbers calibration changes
+_STATIC = ("student_t_nu", "band_wavelength", "rest_wavelength")
+
+
+def _flatten(dm: DataModel):
+    leaves = tuple(None if getattr(dm, n) is None else np.asarray(getattr(dm, n), np.float32) for n in _LEAVES)
+    return leaves, tuple(getattr(dm, n) for n in _STATIC)
+
+
+def _unflatten(static, leaves) -> DataModel:
+    # no validation: the leaves may be tracers (inside jit) or anything a tree map returns
+    dm = object.__new__(DataModel)
+    for name, value in zip(_LEAVES + _STATIC, tuple(leaves) + tuple(static)):
+        object.__setattr__(dm, name, value)
+    return dm
+
+
+jax.tree_util.register_pytree_node(DataModel, _flatten, _unflatten)

@@ -275,7 +275,8 @@ def _check_compatible(emulator, prior, datamodel: DataModel, settings: FitSettin
 
 
 def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings):
-    """The jitted per-chunk fit: ``kernel(key, flux, flux_err, mask, field=None, redshift=None) -> dict of jax arrays``.
+    """The jitted per-chunk fit: ``kernel(key, flux, flux_err, mask, field=None, redshift=None, datamodel=datamodel)
+    -> dict of jax arrays``.
 
     Inputs (n_gal, n_band) float32 nJy / bool, ``field`` (n_gal,) int for
     per-field zero points, ``redshift`` (n_gal,) float32 known redshifts (NaN:
@@ -290,8 +291,23 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
     ``usable``. Galaxies without a usable band are sampled from the prior
     internally (finite, harmless) and come out NaN. Galaxy g's randomness comes
     from ``fold_in(key, g)``, so its result does not depend on the rest of the chunk.
+
+    ``datamodel`` fixes what the compiled code depends on (band count, likelihood, per-field
+    zero points or not, rest-frame nodes); its numbers (zero points, floors, rest-frame
+    offsets) are the kernel's arguments: a data model of the same structure passed as
+    ``datamodel=`` runs without recompiling (e.g. each floor scale of :func:`popflow.calibrate.tune_floor_scale`).
+    Omitted, the one given here is compiled in as constants.
     """
     _check_compatible(emulator, prior, datamodel, settings)
+
+    def kernel(key, flux, flux_err, mask, field=None, redshift=None, datamodel=datamodel):
+        return _kernel_body(emulator, prior, datamodel, settings)(key, flux, flux_err, mask, field, redshift)
+
+    return jax.jit(kernel)
+
+
+def _kernel_body(emulator, prior, datamodel: DataModel, settings: FitSettings):
+    """The traceable fit of :func:`make_fit_kernel` for one (possibly traced) data model."""
     space = prior.space
     dim = space.dim
     s = settings
@@ -588,7 +604,7 @@ def make_fit_kernel(emulator, prior, datamodel: DataModel, settings: FitSettings
             "usable": usable,
         }
 
-    return jax.jit(kernel)
+    return kernel
 
 
 def _check_redshift(redshift, n_gal: int, space) -> np.ndarray:
@@ -614,8 +630,9 @@ _KERNELS: dict = {}
 
 
 def _cached_kernel(emulator, prior, datamodel, settings):
+    """The compiled kernel for this emulator, prior, settings and data-model structure (not its numbers)."""
     # artifacts without an id (e.g. an emulator fresh from select()) are keyed by the object itself
-    key = (emulator.id or emulator, prior.id or prior, datamodel, settings)
+    key = (emulator.id or emulator, prior.id or prior, datamodel.structure, settings)
     if key not in _KERNELS:
         _KERNELS[key] = make_fit_kernel(emulator, prior, datamodel, settings)
     return _KERNELS[key]
@@ -634,7 +651,8 @@ def fit_chunk(key, flux, flux_err, mask, *, emulator, prior, datamodel: DataMode
     dummy galaxies to this many rows so every chunk has one shape (the last,
     short chunk does not recompile); padding is stripped and does not change
     the real galaxies' results. The compiled kernel is cached per (emulator id,
-    prior id, data model, settings) for the life of the process.
+    prior id, data-model structure, settings) for the life of the process; the
+    data model's numbers are arguments, so new zero points or floors reuse it.
     """
     flux = np.asarray(flux, np.float32)
     flux_err = np.asarray(flux_err, np.float32)
@@ -657,5 +675,5 @@ def fit_chunk(key, flux, flux_err, mask, *, emulator, prior, datamodel: DataMode
         if redshift is not None:
             redshift = np.concatenate([redshift, np.full(extra, np.nan, np.float32)])
     kernel = _cached_kernel(emulator, prior, datamodel, settings)
-    out = kernel(key, flux, flux_err, mask, None if field is None else np.asarray(field, np.int32), redshift)
+    out = kernel(key, flux, flux_err, mask, None if field is None else np.asarray(field, np.int32), redshift, datamodel)
     return {k: np.asarray(v)[:n_gal] for k, v in out.items()}

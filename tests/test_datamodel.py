@@ -167,3 +167,24 @@ def test_rest_frame_correction_samples_the_bands_rest_wavelengths():
         DataModel([1.0, 1.0], [0.0, 0.0], band_wavelength=[4000.0, 8000.0], rest_offset=[0.0, 0.0])
     with pytest.raises(ValueError, match="increasing"):
         DataModel([1.0, 1.0], [0.0, 0.0], band_wavelength=[4000.0, 8000.0], rest_wavelength=[2000.0, 1000.0], rest_offset=[0.0, 0.0])
+
+
+def test_pytree_numbers_are_traced_structure_is_static():
+    """A jitted function of a DataModel compiles once per structure; new numbers give new results."""
+    calls = []
+
+    @jax.jit
+    def total(dm, model, data, err, mask):
+        calls.append(1)  # runs only when tracing
+        return dm.log_likelihood(model, data, err, mask).sum()
+
+    model, data, err = np.full((4, 3), 100.0), np.full((4, 3), 110.0), np.full((4, 3), 5.0)
+    mask = np.ones((4, 3), bool)
+    a, b = DataModel([1.0, 1.0, 1.0], [0.01] * 3), DataModel([1.1, 1.0, 0.9], [0.05] * 3)
+    assert a.structure == b.structure
+    for dm in (a, b):
+        np.testing.assert_allclose(float(total(dm, model, data, err, mask)), float(dm.log_likelihood(model, data, err, mask).sum()), rtol=1e-6)
+    assert len(calls) == 1
+    rest = DataModel([1.0] * 3, [0.01] * 3, None, [4000.0, 6000.0, 8000.0], [3000.0, 5000.0], [0.1, -0.1])
+    per_field = DataModel([[1.0] * 3, [1.1] * 3], [0.01] * 3)
+    assert len({a.structure, rest.structure, per_field.structure, DataModel([1.0] * 3, [0.01] * 3, 4.0).structure}) == 4

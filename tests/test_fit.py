@@ -111,6 +111,25 @@ def test_padding_and_determinism(toy_chunk):
         _fit(jax.random.key(0), flux, err, mask, pad_to=4)
 
 
+def test_new_data_model_numbers_reuse_the_compiled_kernel(toy_chunk):
+    """Other zero points and floors of the same structure run in the compiled kernel (no retrace) and are used."""
+    _, (flux, err, mask), _ = toy_chunk
+    dm3 = DataModel(np.stack([np.ones(6), 1.0 / ZP]), 3.0 * np.asarray(DM.error_floor))
+    assert dm3.structure == DM2.structure and dm3 != DM2
+    kernel = fit_mod._cached_kernel(EMU, PRIOR, DM2, SETTINGS)
+    n_cached, n_traced = len(fit_mod._KERNELS), kernel._cache_size()
+    field = np.ones(5, np.int32)
+    out = fit_chunk(jax.random.key(0), flux[:5], err[:5], mask[:5], emulator=EMU, prior=PRIOR, datamodel=dm3,
+                    settings=SETTINGS, field=field, pad_to=N_GAL)
+    assert len(fit_mod._KERNELS) == n_cached and kernel._cache_size() == n_traced, "new numbers must not recompile"
+    g = 2
+    model = 10 ** (-0.4 * (np.asarray(EMU.magnitudes(out["samples"][g])) - 31.4))
+    ll = {name: np.asarray(dm.log_likelihood(model, flux[g], err[g], mask[g], 1)) for name, dm in (("dm3", dm3), ("DM2", DM2))}
+    np.testing.assert_allclose(out["log_likelihood"][g], ll["dm3"], rtol=1e-4, atol=1e-3)
+    # zero points 1/ZP and 3x floors move the log-likelihood by far more than float32 round-off
+    assert np.max(np.abs(ll["dm3"] - ll["DM2"])) > 1.0
+
+
 def test_bad_input_is_named():
     flux, err, mask = simulate_photometry(EMU, typical_theta(3, seed=1), snr=10.0)
     err[2, 4] = np.nan
